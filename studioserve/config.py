@@ -1,0 +1,147 @@
+"""Settings: where things live and what ``studio serve`` was asked to do.
+
+Precedence everywhere: command-line option > environment variable > config file > default.
+The config file is ``$STUDIO_CONFIG`` or ``~/.studioml/studioserve.toml``, for example::
+
+    store = "s3://team-bucket/experiments"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 5000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_KILLAFTER = 3600.0
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_QUEUE_SIZE = 4096
+DEFAULT_REQUEST_TIMEOUT = 60.0
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
+
+
+def config_dir() -> Path:
+    """The user's studioserve folder (``$STUDIO_HOME`` or ``~/.studioml``); not created here."""
+    env = os.environ.get("STUDIO_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".studioml"
+
+
+def config_file() -> Path:
+    env = os.environ.get("STUDIO_CONFIG")
+    return Path(env).expanduser() if env else config_dir() / "studioserve.toml"
+
+
+def load_config_file() -> dict[str, Any]:
+    """The config file's settings, or ``{}`` when there is none.
+
+    :raises ConfigError: when the file exists but is not valid TOML.
+    """
+    path = config_file()
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}; fix or remove it") from e
+
+
+def default_store_url() -> str:
+    """The default experiment store: ``$STUDIO_STORE``, the config file's ``store``, or
+    ``~/.studioml/experiments``."""
+    env = os.environ.get("STUDIO_STORE")
+    if env:
+        return env
+    value = load_config_file().get("store")
+    if isinstance(value, str) and value:
+        return value
+    return str(config_dir() / "experiments")
+
+
+def resolve_store_url(option: str | None) -> str:
+    """The store URL to use, given the ``--store`` option (or None)."""
+    return option if option else default_store_url()
+
+
+def cache_dir() -> Path:
+    """Where remote modeldirs are cached (``$STUDIO_CACHE`` or ``~/.studioml/cache``)."""
+    env = os.environ.get("STUDIO_CACHE")
+    return Path(env).expanduser() if env else config_dir() / "cache"
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts that only this machine can reach."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything ``studio serve`` needs; built by the CLI, consumed by :func:`studioserve.serve`.
+
+    :param key: the experiment key.
+    :param store: the store URL (None: the default store).
+    :param wrapper: a wrapper file path or module name, or None.
+    :param host: the address to bind; any non-loopback address turns on token auth.
+    :param port: the TCP port (0: any free port).
+    :param killafter: seconds without an accepted inference request before the server exits
+        (0: never).
+    :param max_batch_size: the most items one model call takes.
+    :param max_delay_ms: how long a batch waits for more items after its first (0: never wait).
+    :param max_body: the largest request body in bytes (larger: 413).
+    :param token: the bearer token; None generates one when auth is on.
+    :param no_auth: turn auth off even on a non-loopback host.
+    :param threads: HTTP worker threads.
+    :param queue_size: the pipe's input queue bound (beyond it: 503).
+    :param request_timeout: seconds a request may wait for its result (then 504).
+    :param refresh: ignore the local cache of a remote store.
+    :param quiet: no progress bars.
+    :param verbose: debug logging.
+    """
+
+    key: str
+    store: str | None = None
+    wrapper: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    killafter: float = DEFAULT_KILLAFTER
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_delay_ms: float = 0.0
+    max_body: int = DEFAULT_MAX_BODY
+    token: str | None = None
+    no_auth: bool = False
+    threads: int = 32
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    refresh: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range; pass --port between 0 and 65535")
+        if self.killafter < 0:
+            raise ConfigError("--killafter must be >= 0 (0 means never)")
+        if self.max_batch_size < 1:
+            raise ConfigError("--max-batch-size must be >= 1")
+        if self.max_delay_ms < 0:
+            raise ConfigError("--max-delay-ms must be >= 0")
+        if self.max_body < 1:
+            raise ConfigError("--max-body must be >= 1 byte")
+        if self.threads < 1:
+            raise ConfigError("--threads must be >= 1")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Token auth is on for non-loopback hosts unless ``no_auth``, or when a token is given."""
+        if self.no_auth:
+            return False
+        return self.token is not None or not is_loopback(self.host)
+
+    def replace(self, **changes: Any) -> ServeConfig:
+        return dataclasses.replace(self, **changes)

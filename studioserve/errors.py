@@ -1,0 +1,237 @@
+"""Every error studioserve raises on purpose.
+
+The tree::
+
+    StudioServeError                 base; ``str(e)`` says what happened and what to do
+    ├── ConfigError                  bad option or setting (port in use, bad store URL, ...)
+    ├── StoreError                   experiment store problems
+    │   ├── InvalidKey               a key outside ``[A-Za-z0-9._-]{1,128}``
+    │   ├── ExperimentNotFound       no such key (names the store and the closest keys)
+    │   ├── ExperimentExists         ``add`` onto an existing key without ``--force``
+    │   └── UnsafePath               an object name that would escape the cache folder
+    ├── ModelLoadError               a checkpoint or wrapper that cannot be loaded
+    ├── PipelineError                raised by ModelPipe for one item (a future's exception)
+    │   ├── ItemFailed               a stage raised for this item (names the item and stage)
+    │   │   └── InvalidInput         the item does not fit the model (shape, dtype): HTTP 422
+    │   ├── BatchSizeMismatch        a batched function returned the wrong number of rows
+    │   ├── ItemFiltered             a stage's ``filterf`` dropped the item
+    │   ├── Overloaded               the input queue is full: HTTP 503 + Retry-After
+    │   ├── DeadlineExceeded         the item's deadline passed before it ran: HTTP 504
+    │   └── PipeClosed               ``submit`` after ``close()``
+    ├── RequestFailed                one request's failure, with per-key messages and a status
+    ├── WireError                    a request body that cannot be decoded: HTTP 400
+    │   ├── UnsafePickle             a pickle that names a forbidden global
+    │   └── UnsupportedMediaType     a Content-Type the server does not decode: HTTP 415
+    ├── ClientError                  raised by :class:`studioserve.Client` for an error reply
+    └── CloudError                   launching, deploying to or tearing down an instance
+
+Each class carries ``http_status`` so the server maps errors to statuses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StudioServeError(Exception):
+    """Base of every error studioserve raises on purpose."""
+
+    http_status: int = 500
+    #: a short machine-readable name used in JSON error bodies
+    error_type: str = "internal"
+
+
+class ConfigError(StudioServeError):
+    """A bad option or setting; the message names it and the fix."""
+
+    http_status = 400
+    error_type = "config"
+
+
+class StoreError(StudioServeError):
+    """A problem with an experiment store."""
+
+    error_type = "store"
+
+
+class InvalidKey(StoreError):
+    """An experiment key outside ``[A-Za-z0-9._-]{1,128}``."""
+
+    http_status = 400
+    error_type = "invalid_key"
+
+
+class ExperimentNotFound(StoreError):
+    """No experiment under that key in the store."""
+
+    http_status = 404
+    error_type = "not_found"
+
+
+class ExperimentExists(StoreError):
+    """An experiment already exists under that key."""
+
+    http_status = 409
+    error_type = "exists"
+
+
+class UnsafePath(StoreError):
+    """An object name or path that would escape its folder."""
+
+    http_status = 400
+    error_type = "unsafe_path"
+
+
+class ModelLoadError(StudioServeError):
+    """A checkpoint or wrapper that cannot be loaded; the message names the file."""
+
+    error_type = "model_load"
+
+
+class PipelineError(StudioServeError):
+    """An error for one item of a :class:`~studioserve.pipelines.ModelPipe`.
+
+    :param key: the item's key (its position for a list, its key for a dict), if known.
+    :param stage: the name of the stage that failed, if any.
+    """
+
+    error_type = "pipeline"
+
+    def __init__(self, message: str, *, key: Any = None, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.stage = stage
+
+
+class ItemFailed(PipelineError):
+    """A stage raised while computing this item."""
+
+    http_status = 500
+    error_type = "model_error"
+
+
+class InvalidInput(ItemFailed):
+    """The item does not fit the model: wrong shape, dtype or missing input."""
+
+    http_status = 422
+    error_type = "invalid_input"
+
+
+class BatchSizeMismatch(PipelineError):
+    """A batched function returned a different number of rows than it was given."""
+
+    http_status = 500
+    error_type = "batch_size_mismatch"
+
+
+class ItemFiltered(PipelineError):
+    """A stage's ``filterf`` rejected the item, so it has no result."""
+
+    http_status = 422
+    error_type = "filtered"
+
+
+class Overloaded(PipelineError):
+    """The pipe's input queue is full; retry later."""
+
+    http_status = 503
+    error_type = "overloaded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: Any = None,
+        stage: str | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(message, key=key, stage=stage)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(PipelineError):
+    """The item's deadline passed before it could be computed."""
+
+    http_status = 504
+    error_type = "deadline_exceeded"
+
+
+class PipeClosed(PipelineError):
+    """The pipe was closed; it accepts no more items."""
+
+    http_status = 503
+    error_type = "closed"
+
+
+class RequestFailed(StudioServeError):
+    """A request failed; carries the HTTP status, an error type and per-key messages.
+
+    :param status: the HTTP status to answer with.
+    :param error_type: the JSON error body's ``type``.
+    :param keys: ``{key: message}`` for each key that failed.
+    :param retry_after: seconds for a ``Retry-After`` header (503), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        error_type: str,
+        keys: dict[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.http_status = status
+        self.error_type = error_type
+        self.keys = dict(keys or {})
+        self.retry_after = retry_after
+
+
+class WireError(StudioServeError):
+    """A request or response body that cannot be decoded."""
+
+    http_status = 400
+    error_type = "bad_request"
+
+
+class UnsafePickle(WireError):
+    """A pickle that asks for a global outside the allowed numpy/builtin set."""
+
+    error_type = "unsafe_pickle"
+
+
+class UnsupportedMediaType(WireError):
+    """A request ``Content-Type`` that is not pickle, JSON or npz."""
+
+    http_status = 415
+    error_type = "unsupported_media_type"
+
+
+class ClientError(StudioServeError):
+    """An error reply from a studioserve server, raised by :class:`studioserve.Client`.
+
+    :param status: the HTTP status (0 when the server could not be reached).
+    :param error_type: the server's error type.
+    :param keys: per-key messages, when the server gave them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        error_type: str = "client",
+        keys: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.http_status = status
+        self.error_type = error_type
+        self.keys = dict(keys or {})
+
+
+class CloudError(StudioServeError):
+    """Launching, deploying to or tearing down a cloud instance failed."""
+
+    error_type = "cloud"

@@ -1,0 +1,214 @@
+"""The Flask app factory: routes, auth, body limits and error mapping.
+
+Routes (DESIGN.md section 5): ``POST /`` (inference), ``GET /healthz``, ``GET /readyz``,
+``GET /`` (a status page for people, JSON for programs). Errors are always JSON:
+``{"error": {"type": ..., "message": ..., "keys": {...}}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from . import wire
+from .errors import RequestFailed, StudioServeError
+from .service import ModelService
+
+logger = logging.getLogger(__name__)
+
+#: Routes that never need the token (probes must work without secrets).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def error_response(
+    status: int,
+    error_type: str,
+    message: str,
+    keys: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    resp = Response(
+        wire.error_body(error_type, message, keys),
+        status=status,
+        mimetype="application/json",
+    )
+    for name, value in (headers or {}).items():
+        resp.headers[name] = value
+    return resp
+
+
+class AppState:
+    """What every route needs; stored in ``app.extensions["studioserve"]``.
+
+    :param service: the model service.
+    :param token: the bearer token, or None when auth is off.
+    :param info: extra facts for the status page (URL, batching settings, ...).
+    """
+
+    def __init__(
+        self, service: ModelService, token: str | None, info: dict[str, Any] | None = None
+    ) -> None:
+        self.service = service
+        self.token = token
+        self.info = dict(info or {})
+        self.started = time.time()
+        #: called with (route, status, seconds) after each inference request
+        self.observers: list[Callable[[str, int, float], None]] = []
+        self.shutdown_at: Callable[[], float | None] = lambda: None
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        if not header or not header.startswith("Bearer "):
+            return False
+        return hmac.compare_digest(header[7:].strip().encode(), self.token.encode())
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        for fn in self.observers:
+            try:
+                fn(route, status, seconds)
+            except Exception:  # an observer must never break a request
+                logger.exception("request observer failed")
+
+
+def state_of(app: Flask) -> AppState:
+    state: AppState = app.extensions["studioserve"]
+    return state
+
+
+def create_app(
+    service: ModelService,
+    *,
+    token: str | None = None,
+    max_body: int = 64 * 1024 * 1024,
+    info: dict[str, Any] | None = None,
+) -> Flask:
+    """Build the Flask app serving ``service``.
+
+    :param service: the model service (its ``ready`` flag drives ``/readyz``).
+    :param token: the bearer token required on every route but the probes; None: no auth.
+    :param max_body: the largest request body in bytes; larger bodies get 413.
+    :param info: extra facts shown on the status page.
+    """
+    app = Flask("studioserve")
+    app.config["MAX_CONTENT_LENGTH"] = max_body
+    state = AppState(service, token, info)
+    app.extensions["studioserve"] = state
+
+    @app.before_request
+    def _auth() -> Response | None:
+        if request.path in PUBLIC_PATHS or state.authorized(request.headers.get("Authorization")):
+            return None
+        return error_response(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+            "(the token was printed when the server started)",
+            headers={"WWW-Authenticate": 'Bearer realm="studioserve"'},
+        )
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response('{"status": "alive"}', mimetype="application/json")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if service.ready:
+            return Response('{"status": "ready"}', mimetype="application/json")
+        return error_response(
+            503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "1"}
+        )
+
+    @app.post("/")
+    def predict() -> Response:
+        start = time.perf_counter()
+        resp = _predict(state, max_body)
+        state.observe("/", resp.status_code, time.perf_counter() - start)
+        return resp
+
+    @app.get("/")
+    def status() -> Response:
+        from .status import render_status
+
+        return render_status(state, request.accept_mimetypes)
+
+    for register in _extensions():
+        register(app, state)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> Response:
+        status = e.code or 500
+        if status == 413:
+            return error_response(
+                413,
+                "too_large",
+                f"request body is larger than the limit of {max_body} bytes; send fewer "
+                "examples per request or start the server with a larger --max-body",
+            )
+        return error_response(status, e.name.lower().replace(" ", "_"), e.description or e.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal", f"internal server error: {type(e).__name__}")
+
+    return app
+
+
+def _extensions() -> list[Callable[[Flask, AppState], None]]:
+    """Optional route groups (Open Inference Protocol, Prometheus metrics), when installed."""
+    found: list[Callable[[Flask, AppState], None]] = []
+    for module in ("studioserve.oip", "studioserve.metrics"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if e.name and not e.name.startswith("studioserve"):
+                logger.debug("%s is off: %s", module, e)
+                continue
+            if e.name == module:
+                continue
+            raise
+        found.append(mod.register)
+    return found
+
+
+def _predict(state: AppState, max_body: int) -> Response:
+    service = state.service
+    if not service.ready:
+        return error_response(
+            503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "1"}
+        )
+    length = request.content_length
+    if length is not None and length > max_body:
+        return error_response(
+            413,
+            "too_large",
+            f"request body of {length} bytes is larger than the limit of {max_body} bytes; "
+            "send fewer examples per request or start the server with a larger --max-body",
+        )
+    try:
+        body = request.get_data(cache=False)
+        data, fmt = wire.decode_request(body, request.headers.get("Content-Type"))
+    except StudioServeError as e:
+        return error_response(e.http_status, e.error_type, str(e))
+    service.activity.begin()
+    try:
+        result = service.predict(data)
+        out_fmt = wire.response_format(request.headers.get("Accept"), fmt)
+        payload, content_type = wire.encode_response(result, out_fmt)
+    except RequestFailed as e:
+        headers = {"Retry-After": f"{max(1, round(e.retry_after))}"} if e.retry_after else None
+        return error_response(e.http_status, e.error_type, str(e), e.keys, headers)
+    except StudioServeError as e:
+        return error_response(e.http_status, e.error_type, str(e))
+    finally:
+        service.activity.end()
+    logger.debug("POST / %d key(s) ok", len(data))
+    return Response(payload, status=200, content_type=content_type)

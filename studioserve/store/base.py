@@ -1,0 +1,163 @@
+"""The store interface, key validation and the URL factory."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as _dt
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import ConfigError, ExperimentNotFound, InvalidKey
+
+KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+EXPERIMENT_FILE = "experiment.json"
+MODELDIR = "modeldir"
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a valid experiment key, else raise :class:`InvalidKey`.
+
+    A key is ``[A-Za-z0-9._-]{1,128}`` and not ``.`` or ``..``, so it can never name a
+    path outside the store.
+    """
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key) or key in (".", ".."):
+        raise InvalidKey(
+            f"invalid experiment key {key!r}: use 1-128 characters from A-Z a-z 0-9 . _ - "
+            "(no slashes, no '..')"
+        )
+    return key
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentInfo:
+    """One experiment's metadata, as ``experiment.json`` holds it."""
+
+    key: str
+    created: str = ""
+    framework: str = ""
+    description: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], key: str) -> ExperimentInfo:
+        known = {"key", "created", "framework", "description"}
+        return cls(
+            key=str(data.get("key", key)),
+            created=str(data.get("created", "")),
+            framework=str(data.get("framework", "")),
+            description=str(data.get("description", "")),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            key=self.key,
+            created=self.created,
+            framework=self.framework,
+            description=self.description,
+        )
+        return out
+
+
+class Store(abc.ABC):
+    """An experiment store. ``<store>/<key>/modeldir/**`` and ``<store>/<key>/experiment.json``.
+
+    An experiment is complete (listed, fetchable) once its ``experiment.json`` exists;
+    implementations write it last.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """The keys of complete experiments, sorted."""
+
+    @abc.abstractmethod
+    def info(self, key: str) -> ExperimentInfo:
+        """The metadata of ``key``; :class:`ExperimentNotFound` if missing."""
+
+    @abc.abstractmethod
+    def add(
+        self,
+        key: str,
+        src: Path,
+        *,
+        description: str = "",
+        framework: str = "",
+        force: bool = False,
+    ) -> ExperimentInfo:
+        """Copy folder ``src`` in as ``key``'s modeldir, then write experiment.json."""
+
+    @abc.abstractmethod
+    def remove(self, key: str) -> None:
+        """Delete ``key``; :class:`ExperimentNotFound` if missing."""
+
+    @abc.abstractmethod
+    def fetch(self, key: str, *, refresh: bool = False, quiet: bool = True) -> Path:
+        """A local folder holding ``key``'s modeldir (for remote stores: a verified cache)."""
+
+    def files(self, key: str) -> list[tuple[str, int]]:
+        """``(relative path, size)`` of each file in ``key``'s modeldir."""
+        return []
+
+    def list(self) -> list[ExperimentInfo]:
+        return [self.info(k) for k in self.keys()]
+
+    def not_found(self, key: str) -> ExperimentNotFound:
+        """The error for a missing key: names the store and the closest existing keys."""
+        try:
+            existing = self.keys()
+        except Exception:  # noqa: BLE001 - listing is best effort for the message
+            existing = []
+        close = difflib.get_close_matches(key, existing, n=len(existing) or 1, cutoff=0.0)
+        rest = [k for k in existing if k not in close]
+        ordered = close + rest
+        if ordered:
+            shown = ", ".join(ordered[:10]) + (" ..." if len(ordered) > 10 else "")
+            hint = f"existing keys (closest first): {shown}"
+        else:
+            hint = "the store has no experiments; add one with 'studio experiments add KEY DIR'"
+        return ExperimentNotFound(f"no experiment {key!r} in store {self.url}; {hint}")
+
+
+def open_store(url: str) -> Store:
+    """The store for ``url``: a path or ``file://`` URL, ``s3://bucket/prefix``, ``gs://bucket/prefix``.
+
+    :raises ConfigError: for an unknown scheme, or a missing optional dependency.
+    """
+    parsed = urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
+        from .local import LocalStore
+
+        path = parsed.path if scheme == "file" else url
+        return LocalStore(Path(path).expanduser())
+    if scheme == "s3":
+        try:
+            from .s3 import S3Store
+        except ImportError as e:
+            raise ConfigError(
+                f"store {url} needs boto3: pip install 'studioserve[aws]' ({e})"
+            ) from e
+        return S3Store(url)
+    if scheme == "gs":
+        try:
+            from .gcs import GCSStore
+        except ImportError as e:
+            raise ConfigError(
+                f"store {url} needs google-cloud-storage: pip install 'studioserve[gcp]' ({e})"
+            ) from e
+        return GCSStore(url)
+    raise ConfigError(
+        f"unknown store URL {url!r}: use a folder path, file://PATH, s3://BUCKET/PREFIX "
+        "or gs://BUCKET/PREFIX"
+    )
