@@ -36,6 +36,7 @@ from .service import ModelService
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
+SUMMARY_INTERVAL = 60.0
 
 
 class HttpServer(Protocol):
@@ -156,12 +157,12 @@ def _embedded_granian() -> Any:
 
             def startup(self, spawn_target: Any, target_loader: Any) -> None:
                 with _GRANIAN_LOCK:
-                    saved = common.set_main_signals
-                    common.set_main_signals = lambda *a, **k: None
+                    saved = getattr(common, "set_main_signals")  # noqa: B009
+                    setattr(common, "set_main_signals", lambda *a, **k: None)  # noqa: B010
                     try:
-                        super().startup(spawn_target, target_loader)
+                        super().startup(spawn_target, target_loader)  # type: ignore[no-untyped-call]
                     finally:
-                        common.set_main_signals = saved
+                        setattr(common, "set_main_signals", saved)  # noqa: B010
 
         _GRANIAN_CLASS = _Embedded
         return _Embedded
@@ -291,13 +292,14 @@ class ModelServer:
             self.http = make_http_server(
                 self.app, cfg.host, cfg.port, cfg.threads, self.http_server
             )
+            if model.pipe is not None:
+                model.pipe.start()  # worker threads up before the first request
             self.http.start()
             self.service.ready = True
-            if cfg.killafter > 0:
-                self._watcher = threading.Thread(
-                    target=self._watch_idle, name="studioserve-killafter", daemon=True
-                )
-                self._watcher.start()
+            self._watcher = threading.Thread(
+                target=self._monitor, name="studioserve-monitor", daemon=True
+            )
+            self._watcher.start()
         except BaseException:
             self.close()
             raise
@@ -341,12 +343,25 @@ class ModelServer:
 
     # -- run and stop ------------------------------------------------------------------------
 
-    def _watch_idle(self) -> None:
+    def _monitor(self) -> None:
+        """Fire the inactivity timer; log a one-line summary every minute."""
         assert self.service is not None
+        activity = self.service.activity
         killafter = self.config.killafter
-        tick = min(1.0, max(0.05, killafter / 20))
+        tick = min(1.0, max(0.05, killafter / 20)) if killafter > 0 else 1.0
+        last_summary, last_count = time.monotonic(), activity.accepted
         while not self._stop.wait(tick):
-            if self.service.activity.idle_seconds() >= killafter:
+            now = time.monotonic()
+            if now - last_summary >= SUMMARY_INTERVAL:
+                count = activity.accepted
+                logger.info(
+                    "last %.0fs: %d inference request(s), %d in flight",
+                    now - last_summary,
+                    count - last_count,
+                    activity.in_flight,
+                )
+                last_summary, last_count = now, count
+            if killafter > 0 and activity.idle_seconds() >= killafter:
                 logger.info("no inference request for %gs (--killafter); shutting down", killafter)
                 self.request_stop("inactivity")
                 return

@@ -114,6 +114,14 @@ def create_app(
             headers={"WWW-Authenticate": 'Bearer realm="studioserve"'},
         )
 
+    @app.after_request
+    def _log(resp: Response) -> Response:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s %d %s", request.method, request.path, resp.status_code, request.remote_addr
+            )
+        return resp
+
     @app.get("/healthz")
     def healthz() -> Response:
         return Response('{"status": "alive"}', mimetype="application/json")
@@ -210,5 +218,4 @@ def _predict(state: AppState, max_body: int) -> Response:
         return error_response(e.http_status, e.error_type, str(e))
     finally:
         service.activity.end()
-    logger.debug("POST / %d key(s) ok", len(data))
     return Response(payload, status=200, content_type=content_type)
