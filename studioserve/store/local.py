@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import ExperimentExists, StoreError
-from .base import EXPERIMENT_FILE, MODELDIR, ExperimentInfo, Store, now_iso, validate_key
+from .base import (
+    EXPERIMENT_FILE,
+    KEY_PATTERN,
+    MODELDIR,
+    ExperimentInfo,
+    Store,
+    now_iso,
+    validate_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +28,8 @@ class LocalStore(Store):
     """Experiments in a folder on this machine.
 
     ``add`` copies into a hidden temporary folder and renames it into place, writing
-    ``experiment.json`` last, so a half-copied experiment is never listed.
+    ``experiment.json`` last, so a half-copied experiment is never listed. Temporary folders
+    have an ``@`` in their name, which no key can have, so they are never listed either.
     """
 
     def __init__(self, root: Path) -> None:
@@ -35,7 +45,7 @@ class LocalStore(Store):
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / EXPERIMENT_FILE).is_file()
+            if _is_key(p.name) and (p / EXPERIMENT_FILE).is_file()
         )
 
     def info(self, key: str) -> ExperimentInfo:
@@ -71,19 +81,41 @@ class LocalStore(Store):
         info = ExperimentInfo(
             key=key, created=now_iso(), framework=framework, description=description
         )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        # Not mkdtemp: its 0700 mode would stay on the experiment and lock out other users
+        # of a shared store. mkdir honours the umask like any other folder.
+        tmp = self.root / f".{key}@add.{secrets.token_hex(8)}"
+        tmp.mkdir()
         try:
-            shutil.copytree(src, tmp / MODELDIR, symlinks=False)
-            (tmp / EXPERIMENT_FILE).write_text(
-                json.dumps(info.to_json(), indent=2), encoding="utf-8"
-            )
+            try:
+                shutil.copytree(src, tmp / MODELDIR, symlinks=False)
+                (tmp / EXPERIMENT_FILE).write_text(
+                    json.dumps(info.to_json(), indent=2), encoding="utf-8"
+                )
+            except OSError as e:  # shutil.Error (a broken link, an unreadable file) included
+                raise StoreError(
+                    f"cannot copy {src} into the store {self.url} as {key!r}: {e}; "
+                    "fix the folder (broken links, permissions, disk space) and add it again"
+                ) from e
             if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=self.root))
+                old = Path(tempfile.mkdtemp(prefix=f".{key}@old.", dir=self.root))
                 os.replace(dest, old / key)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    os.replace(tmp, dest)
+                except OSError:
+                    os.replace(old / key, dest)  # put the previous experiment back
+                    raise
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, dest)
+                try:
+                    os.replace(tmp, dest)
+                except OSError as e:
+                    if dest.exists():  # another add of the same key won the race
+                        raise ExperimentExists(
+                            f"experiment {key!r} was added to {self.url} by someone else "
+                            "meanwhile; pass --force to replace it"
+                        ) from e
+                    raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -95,7 +127,7 @@ class LocalStore(Store):
         if not dest.is_dir():
             raise self.not_found(key)
         # rename first so a half-deleted experiment is never listed
-        trash = Path(tempfile.mkdtemp(prefix=f".{key}.rm.", dir=self.root))
+        trash = Path(tempfile.mkdtemp(prefix=f".{key}@rm.", dir=self.root))
         os.replace(dest, trash / key)
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -118,3 +150,8 @@ class LocalStore(Store):
             for p in modeldir.rglob("*")
             if p.is_file()
         )
+
+
+def _is_key(name: str) -> bool:
+    """Whether a folder name is an experiment key (temporary folders never are)."""
+    return KEY_PATTERN.fullmatch(name) is not None and name not in (".", "..")
