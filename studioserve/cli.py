@@ -78,7 +78,7 @@ def main() -> None:
 # -- serve -------------------------------------------------------------------------------------
 
 
-def _print_ready(server: ModelServer, *, cloud_hint: bool = False) -> None:
+def _print_ready(server: ModelServer, *, token_shown: bool = True) -> None:
     service = server.service
     assert service is not None
     model = service.model
@@ -88,8 +88,10 @@ def _print_ready(server: ModelServer, *, cloud_hint: bool = False) -> None:
     outs = ", ".join(s.describe() for s in model.outputs) or "any"
     click.echo(f"  inputs:  {ins}")
     click.echo(f"  outputs: {outs}")
-    if server.token:
+    if server.token and token_shown:
         click.echo(f"  token: {server.token}  (send 'Authorization: Bearer <token>')")
+    elif server.token:
+        click.echo("  token: the one in --token-file (send 'Authorization: Bearer <token>')")
     else:
         click.echo("  auth: off (loopback only)" if not server.config.no_auth else "  auth: off")
     if server.config.killafter > 0:
@@ -206,8 +208,38 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
     help="Serve on a cloud instance that ends itself.",
 )
 @click.option(
-    "--gpus", type=click.IntRange(min=0), default=None, help="GPUs for --cloud (0: a CPU instance)."
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs for --cloud (0: a CPU instance; default 1).",
 )
+@click.option("--instance-type", default=None, help="EC2 instance type (overrides --gpus).")
+@click.option("--machine-type", default=None, help="GCE machine type (overrides --gpus).")
+@click.option(
+    "--accelerator",
+    default=None,
+    help="GPU model: a GCE accelerator type, or an EC2 family hint (l4, a10g, l40s, a100, h100).",
+)
+@click.option("--region", default=None, help="EC2 region.")
+@click.option("--zone", default=None, help="GCE zone.")
+@click.option("--project", default=None, help="GCE project.")
+@click.option(
+    "--image",
+    default=None,
+    help="Machine image (AMI id, ssm:/PARAM, or a GCE image/family URL) instead of the lookup.",
+)
+@click.option(
+    "--allow-cidr",
+    default=None,
+    help="Who may reach the port and SSH (default: your own public address as a /32).",
+)
+@click.option(
+    "--max-lifetime",
+    type=click.FloatRange(min=60),
+    default=None,
+    help="Seconds after which the instance ends whatever happens (default 86400).",
+)
+@click.option("--ssh-user", default=None, help="Login user on the instance.")
 def serve(
     key: str,
     wrapper: str | None,
@@ -229,16 +261,40 @@ def serve(
     verbose: bool,
     cloud: str | None,
     gpus: int | None,
+    instance_type: str | None,
+    machine_type: str | None,
+    accelerator: str | None,
+    region: str | None,
+    zone: str | None,
+    project: str | None,
+    image: str | None,
+    allow_cidr: str | None,
+    max_lifetime: float | None,
+    ssh_user: str | None,
 ) -> None:
-    """Serve experiment KEY's latest checkpoint (or --wrapper's model) over HTTP."""
+    """Serve experiment KEY's latest checkpoint (or --wrapper's model) over HTTP.
+
+    With --cloud ec2|gcloud it runs on a new cloud instance that deletes itself after
+    --killafter seconds without inference requests (and at --max-lifetime at the latest).
+    """
     configure_logging(verbose)
-    if cloud is None and gpus is not None:
-        raise click.UsageError("--gpus needs --cloud ec2|gcloud")
-    if cloud is not None:
-        raise click.UsageError(
-            f"--cloud {cloud} is not available yet in this version of studioserve; "
-            "serve locally (without --cloud) for now"
-        )
+    cloud_only = {
+        "--gpus": gpus,
+        "--instance-type": instance_type,
+        "--machine-type": machine_type,
+        "--accelerator": accelerator,
+        "--region": region,
+        "--zone": zone,
+        "--project": project,
+        "--image": image,
+        "--allow-cidr": allow_cidr,
+        "--max-lifetime": max_lifetime,
+        "--ssh-user": ssh_user,
+    }
+    if cloud is None:
+        given = [name for name, value in cloud_only.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} need(s) --cloud ec2|gcloud")
     from .lifecycle import serve as run_server
     from .store.base import validate_key
 
@@ -262,10 +318,102 @@ def serve(
             quiet=quiet,
             verbose=verbose,
         )
-        code = run_server(config, on_ready=_print_ready, http_server=http_server)
+        if cloud is not None:
+            _serve_on_cloud(
+                config,
+                cloud=cloud,
+                gpus=1 if gpus is None else gpus,
+                instance_type=instance_type,
+                machine_type=machine_type,
+                accelerator=accelerator,
+                region=region,
+                zone=zone,
+                project=project,
+                image=image,
+                allow_cidr=allow_cidr,
+                max_lifetime=max_lifetime,
+                ssh_user=ssh_user,
+            )
+            return
+        code = run_server(
+            config,
+            on_ready=lambda server: _print_ready(server, token_shown=token_file is None),
+            http_server=http_server,
+        )
     except StudioServeError as e:
         _fail(e)
     sys.exit(code)
+
+
+def _serve_on_cloud(config: ServeConfig, *, cloud: str, **options: Any) -> None:
+    from .cloud import CloudOptions, deploy
+    from .store import open_store
+
+    if options["max_lifetime"] is None:
+        del options["max_lifetime"]
+    with open_store(resolve_store_url(config.store)) as store:
+        modeldir = store.fetch(config.key, refresh=config.refresh, quiet=config.quiet)
+    click.echo(f"Launching {config.key!r} on {cloud} ({options['gpus']} GPU(s))...", err=True)
+    dep = deploy(config, modeldir, CloudOptions(cloud=cloud, **options))
+    click.echo(f"Serving experiment {config.key!r} at {dep.url}")
+    click.echo(f"  instance: {dep.instance_id} ({dep.instance_type}) in {dep.zone or dep.region}")
+    click.echo(f"  token: {dep.token}  (send 'Authorization: Bearer <token>')")
+    if dep.killafter > 0:
+        click.echo(f"  ends after {dep.killafter:g}s without an inference request")
+    click.echo(f"  ends at the latest at {dep.expires_at.isoformat()} (--max-lifetime)")
+    click.echo(f"  stop it now with: studio instances stop {dep.id}")
+
+
+# -- instances ---------------------------------------------------------------------------------
+
+
+@main.group()
+def instances() -> None:
+    """List and stop the cloud instances studioserve started."""
+
+
+@instances.command("list")
+@click.option("--cloud", type=click.Choice(["ec2", "gcloud"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def instances_list(cloud: str | None, as_json: bool) -> None:
+    """What studioserve started: id, cloud, where, URL, age, expiry (ended ones are cleaned up)."""
+    configure_logging(False)
+    from .cloud import list_instances
+
+    try:
+        records = list_instances(cloud)
+    except StudioServeError as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in records], indent=2, default=str))
+        return
+    if not records:
+        click.echo("no studioserve instances", err=True)
+        return
+    click.echo(f"{'ID':<14} {'CLOUD':<7} {'STATE':<10} {'WHERE':<16} {'AGE':<10} EXPIRES / URL")
+    for r in records:
+        age = str(r.age).split(".")[0]
+        click.echo(
+            f"{r.id:<14} {r.cloud:<7} {r.state:<10} {r.location:<16} {age:<10} "
+            f"{r.expires_at} {r.url}"
+        )
+
+
+@instances.command("stop")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "stop_all", is_flag=True, help="Stop every instance studioserve started.")
+def instances_stop(ids: tuple[str, ...], stop_all: bool) -> None:
+    """Delete instances (and their firewall rules and keys) by id, or --all."""
+    configure_logging(False)
+    if not ids and not stop_all:
+        raise click.UsageError("name instance ids (see 'studio instances list') or pass --all")
+    from .cloud import stop_instances
+
+    try:
+        for line in stop_instances(list(ids) or None, all=stop_all):
+            click.echo(line)
+    except StudioServeError as e:
+        _fail(e)
 
 
 # -- experiments -------------------------------------------------------------------------------
@@ -297,7 +445,15 @@ def experiments_add(
     configure_logging(False)
     s = _store(store)
     try:
-        s.add(key, directory, description=description, framework=framework, force=force)
+        with s:
+            s.add(
+                key,
+                directory,
+                description=description,
+                framework=framework,
+                force=force,
+                quiet=quiet,
+            )
     except StudioServeError as e:
         _fail(e)
     click.echo(f"added {key} to {s.url}")
@@ -310,7 +466,8 @@ def experiments_list(store: str | None, as_json: bool) -> None:
     """List the experiments in the store."""
     s = _store(store)
     try:
-        infos = s.list()
+        with s:
+            infos = s.list()
     except StudioServeError as e:
         _fail(e)
     if as_json:
@@ -331,8 +488,9 @@ def experiments_show(key: str, store: str | None) -> None:
     """Show experiment KEY's metadata and files."""
     s = _store(store)
     try:
-        info = s.info(key)
-        files = s.files(key)
+        with s:
+            info = s.info(key)
+            files = s.files(key)
     except StudioServeError as e:
         _fail(e)
     out: dict[str, Any] = info.to_json()
@@ -348,7 +506,8 @@ def experiments_rm(key: str, store: str | None) -> None:
     """Remove experiment KEY from the store."""
     s = _store(store)
     try:
-        s.remove(key)
+        with s:
+            s.remove(key)
     except StudioServeError as e:
         _fail(e)
     click.echo(f"removed {key} from {s.url}")
@@ -390,3 +549,175 @@ def demo(
     except StudioServeError as e:
         _fail(e)
     sys.exit(code)
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+
+def _levels(kind: type[int] | type[float]) -> Any:
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        from .bench import parse_levels
+
+        try:
+            return parse_levels(value, kind)
+        except ValueError as e:
+            raise click.BadParameter(f"{value!r}: {e}; give numbers like 1,8,64") from e
+
+    return convert
+
+
+def _header(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    out = []
+    for h in value:
+        name, sep, val = h.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{h!r} is not 'Name: value'")
+        out.append((name.strip(), val.strip()))
+    return tuple(out)
+
+
+@main.command()
+@click.argument("url")
+@click.option(
+    "--concurrency",
+    "-c",
+    default="1,8,64",
+    show_default=True,
+    callback=_levels(int),
+    help="Closed-loop levels: connections sending back to back, comma-separated.",
+)
+@click.option(
+    "--request-rate",
+    "-r",
+    default=None,
+    callback=_levels(float),
+    help="Open-loop levels in requests/s, comma-separated (instead of --concurrency).",
+)
+@click.option(
+    "--duration",
+    "-d",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds per level.",
+)
+@click.option(
+    "--requests", "-n", type=click.IntRange(min=1), default=None, help="Requests per level."
+)
+@click.option(
+    "--protocol",
+    "-p",
+    type=click.Choice(["pickle", "oip"]),
+    default="pickle",
+    show_default=True,
+    help="POST / with a pickle, or the Open Inference Protocol's infer.",
+)
+@click.option(
+    "--body",
+    "body_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Send this file as the request body instead of one built from the signature.",
+)
+@click.option("--content-type", default=None, help="The --body file's Content-Type.")
+@click.option(
+    "--header", "-H", multiple=True, callback=_header, help="An extra header 'Name: value'."
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Examples per synthesised request.",
+)
+@click.option(
+    "--json-tensors", is_flag=True, help="OIP: send tensors as JSON lists, not binary data."
+)
+@click.option("--model", default=None, help="OIP model name (default: the server's experiment).")
+@click.option("--token", default=None, help="Bearer token (default: $STUDIO_TOKEN).")
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds of discarded load before each level.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Load generator processes (default: CPU count, at most 4).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds before a request counts as an error.",
+)
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a CSV."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw a PNG (needs matplotlib).",
+)
+@click.option("--verbose", "-v", is_flag=True)
+def bench(
+    url: str,
+    concurrency: tuple[int, ...],
+    request_rate: tuple[float, ...] | None,
+    duration: float,
+    requests: int | None,
+    protocol: str,
+    body_file: Path | None,
+    content_type: str | None,
+    header: tuple[tuple[str, str], ...],
+    batch: int,
+    json_tensors: bool,
+    model: str | None,
+    token: str | None,
+    warmup: float,
+    processes: int | None,
+    timeout: float,
+    csv_path: Path | None,
+    plot_path: Path | None,
+    verbose: bool,
+) -> None:
+    """Measure throughput and latency of the server at URL, per load level."""
+    configure_logging(verbose)
+    from .bench import BenchConfig, is_tty, run_bench
+
+    try:
+        config = BenchConfig(
+            url=url,
+            concurrency=concurrency,
+            request_rates=request_rate or (),
+            duration=duration,
+            requests=requests,
+            protocol=protocol,
+            body_file=body_file,
+            content_type=content_type,
+            headers=header,
+            batch=batch,
+            binary=not json_tensors,
+            model=model,
+            token=token or os.environ.get("STUDIO_TOKEN") or None,
+            warmup=warmup,
+            processes=processes,
+            timeout=timeout,
+        )
+        result = run_bench(config, progress=sys.stderr if is_tty(sys.stderr) else None)
+        click.echo(result.table())
+        if csv_path is not None:
+            result.write_csv(csv_path)
+            click.echo(f"wrote {csv_path}")
+        if plot_path is not None:
+            result.plot(plot_path)
+            click.echo(f"wrote {plot_path}")
+    except StudioServeError as e:
+        _fail(e)

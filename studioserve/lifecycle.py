@@ -310,8 +310,8 @@ class ModelServer:
         from .store import open_store
 
         cfg = self.config
-        store = open_store(resolve_store_url(cfg.store))
-        self.modeldir = store.fetch(cfg.key, refresh=cfg.refresh, quiet=cfg.quiet)
+        with open_store(resolve_store_url(cfg.store)) as store:
+            self.modeldir = store.fetch(cfg.key, refresh=cfg.refresh, quiet=cfg.quiet)
         return load_model(
             self.modeldir,
             cfg.wrapper,

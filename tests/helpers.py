@@ -5,6 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import pickle
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,3 +63,40 @@ def error_of(body: bytes) -> dict[str, Any]:
     """The ``error`` object of a JSON error body."""
     err: dict[str, Any] = json.loads(body)["error"]
     return err
+
+
+def start_cli(
+    args: list[str], env: dict[str, str], command: str = "serve"
+) -> tuple[subprocess.Popen[str], str]:
+    """Run ``python -m studioserve <command> ARGS`` and wait for the URL it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studioserve", command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        match = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.kill()
+    _, err = proc.communicate()
+    raise AssertionError(f"studio {command} did not start: {err}")
+
+
+def stop_cli(proc: subprocess.Popen[str], timeout: float = 60) -> int:
+    """SIGTERM the process and return its exit code (killing it if it hangs)."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -108,10 +108,21 @@ def test_serve_missing_key_names_store_and_closest(
     assert r.output.index("mnist-") < r.output.index("cifar")
 
 
-def test_cloud_flags_are_reserved(runner: CliRunner) -> None:
-    r = runner.invoke(main, ["serve", "k", "--gpus", "1"])
+def test_cloud_flags_need_cloud(runner: CliRunner) -> None:
+    r = runner.invoke(main, ["serve", "k", "--gpus", "1", "--zone", "z"])
     assert r.exit_code == 2
-    assert "--cloud" in r.output
+    assert "--gpus, --zone need(s) --cloud" in r.output
+
+
+def test_instances_list_empty_and_stop_needs_ids(runner: CliRunner) -> None:
+    r = runner.invoke(main, ["instances", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == []
+    r = runner.invoke(main, ["instances", "stop"])
+    assert r.exit_code == 2
+    r = runner.invoke(main, ["instances", "stop", "nope"])
+    assert r.exit_code == 1
+    assert "no studioserve instance 'nope'" in r.output
 
 
 def test_bad_options_exit_2(runner: CliRunner) -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 from studioserve.client import Client
 from studioserve.loader import LoadedModel
 from studioserve.pipelines import ModelPipe
-from tests.helpers import raw_post, running_server
+from tests.helpers import raw_post, running_server, start_cli
 
 
 def _gated_pipe() -> tuple[ModelPipe, threading.Event, threading.Event]:
@@ -116,28 +113,6 @@ def create_model(modeldir):
 """
 
 
-def _start_cli(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "studioserve", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            return proc, match.group(1)
-    proc.kill()
-    _, err = proc.communicate()
-    raise AssertionError(f"studio serve did not start: {err}")
-
-
 @pytest.fixture
 def slow_experiment(tmp_path: Path) -> tuple[dict[str, str], Path]:
     from studioserve.store.local import LocalStore
@@ -154,7 +129,7 @@ def slow_experiment(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 def test_cli_exits_0_after_killafter(slow_experiment: tuple[dict[str, str], Path]) -> None:
     env, wrapper = slow_experiment
-    proc, url = _start_cli(["slow", "-w", str(wrapper), "--port", "0", "--killafter", "1"], env)
+    proc, url = start_cli(["slow", "-w", str(wrapper), "--port", "0", "--killafter", "1"], env)
     try:
         assert proc.wait(timeout=60) == 0
     finally:
@@ -167,7 +142,7 @@ def test_sigterm_drains_the_in_flight_request(
     slow_experiment: tuple[dict[str, str], Path],
 ) -> None:
     env, wrapper = slow_experiment
-    proc, url = _start_cli(["slow", "-w", str(wrapper), "--port", "0", "--killafter", "0"], env)
+    proc, url = start_cli(["slow", "-w", str(wrapper), "--port", "0", "--killafter", "0"], env)
     try:
         results: list[Any] = []
         with Client(url) as client:

@@ -94,6 +94,7 @@ class Store(abc.ABC):
         description: str = "",
         framework: str = "",
         force: bool = False,
+        quiet: bool = True,
     ) -> ExperimentInfo:
         """Copy folder ``src`` in as ``key``'s modeldir, then write experiment.json."""
 
@@ -108,6 +109,16 @@ class Store(abc.ABC):
     def files(self, key: str) -> list[tuple[str, int]]:
         """``(relative path, size)`` of each file in ``key``'s modeldir."""
         return []
+
+    def close(self) -> None:
+        """Release connections (remote stores); the store is not used afterwards."""
+        return None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def list(self) -> list[ExperimentInfo]:
         return [self.info(k) for k in self.keys()]

@@ -68,6 +68,7 @@ class LocalStore(Store):
         description: str = "",
         framework: str = "",
         force: bool = False,
+        quiet: bool = True,
     ) -> ExperimentInfo:
         dest = self._dir(key)
         src = Path(src)

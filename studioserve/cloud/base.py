@@ -1,0 +1,426 @@
+"""The small interface every cloud provider implements, and the records ``deploy`` keeps.
+
+Nothing here imports a cloud SDK: :mod:`.ec2` is the only module importing boto3, :mod:`.gce`
+the only one importing google-cloud-compute and :mod:`.ssh` the only one importing paramiko.
+
+A provider creates resources and reports each one through a ``record`` callback *as soon as
+the API call that made it returns*, so :mod:`.deploy` can always delete everything created so
+far. Every resource also carries the deployment's id as a tag or label (``studioserve=<id>``),
+so :meth:`Provider.find` can rediscover what a crashed launch left behind.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as _dt
+import ipaddress
+import re
+import shlex
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import CloudError, ConfigError
+
+#: the values ``CloudOptions.cloud`` accepts (the CLI's ``--cloud`` choices)
+CLOUDS = ("ec2", "gcloud")
+#: the steps of a deployment, in order; hooks are called before each one
+STEPS = ("launch", "open_port", "wait_ssh", "upload", "install", "start", "wait_ready", "report")
+#: the tag (EC2) / label (GCE) key on everything studioserve creates; the value is the id
+TAG_KEY = "studioserve"
+#: the default hard limit on an instance's life
+DEFAULT_MAX_LIFETIME = 24 * 3600.0
+#: how long ``deploy`` waits for ``/readyz`` after starting the server
+DEFAULT_READY_TIMEOUT = 1800.0
+#: how long ``deploy`` waits for the instance's host key and for sshd to accept the key
+DEFAULT_SSH_TIMEOUT = 900.0
+#: where the boot script installs the command that ends the instance
+END_SCRIPT = "/usr/local/sbin/studioserve-end"
+
+#: resource kinds, in the order they are deleted
+KIND_ORDER = ("instance", "firewall", "security-group", "key-pair", "local-key")
+
+_DEPLOYMENT_ID = re.compile(r"ss-[0-9a-f]{8,16}")
+
+
+class HostKeyMismatch(CloudError):
+    """The instance's SSH host key is not the one its console reported: refuse to connect."""
+
+
+class DeploymentFailed(CloudError):
+    """A deployment failed or was interrupted; everything it created was deleted.
+
+    :param step: the step that failed (one of :data:`STEPS`).
+    :param summary: one line per resource removed (or left behind, with the reason).
+    :param interrupted: True when Ctrl-C (KeyboardInterrupt) stopped the launch.
+    """
+
+    def __init__(
+        self, message: str, *, step: str, summary: Sequence[str], interrupted: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.summary = list(summary)
+        self.interrupted = interrupted
+
+
+def is_deployment_id(value: str) -> bool:
+    """True for ids that :func:`new_deployment_id` makes (``ss-`` and hex digits)."""
+    return bool(_DEPLOYMENT_ID.fullmatch(value))
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    """One thing a deployment created.
+
+    :param kind: one of :data:`KIND_ORDER`.
+    :param id: the provider's id (instance id or name, group id, key name, local path).
+    :param location: region or zone ("" for global resources and local files).
+    """
+
+    kind: str
+    id: str
+    location: str = ""
+
+    def describe(self) -> str:
+        where = f" in {self.location}" if self.location else ""
+        return f"{self.kind} {self.id}{where}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "id": self.id, "location": self.location}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Resource:
+        return cls(
+            kind=str(data["kind"]), id=str(data["id"]), location=str(data.get("location", ""))
+        )
+
+
+def deletion_order(resources: Sequence[Resource]) -> list[Resource]:
+    """The resources in the order they can be deleted: instances first, local files last."""
+    unique = list(dict.fromkeys(resources))
+    return sorted(
+        unique,
+        key=lambda r: KIND_ORDER.index(r.kind) if r.kind in KIND_ORDER else len(KIND_ORDER),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InstanceInfo:
+    """A launched instance as the provider reports it.
+
+    :param instance_id: EC2 instance id or GCE instance name.
+    :param public_ip: its public address (None when it has none).
+    :param location: its region (EC2) or zone (GCE).
+    """
+
+    instance_id: str
+    name: str
+    public_ip: str | None
+    private_ip: str | None
+    location: str
+    instance_type: str
+    image: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaunchSpec:
+    """What the provider needs to launch one deployment (built by :mod:`.deploy`)."""
+
+    deployment_id: str
+    public_key: str
+    ssh_user: str
+    port: int
+    allow_cidr: str
+    created_at: _dt.datetime
+    expires_at: _dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """What a hook sees before each step (for tests and progress reporting).
+
+    :param step: the step about to run (one of :data:`STEPS`).
+    :param resources: what exists so far, in creation order.
+    """
+
+    step: str
+    deployment_id: str
+    cloud: str
+    public_key: str
+    ssh_user: str
+    instance: InstanceInfo | None
+    resources: tuple[Resource, ...]
+
+
+#: a hook is called as ``hook(step, context)`` before each step; raising stops the deployment
+Hook = Callable[[str, StepContext], None]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CloudOptions:
+    """Where and how ``studio serve --cloud`` runs.
+
+    :param cloud: ``"ec2"`` or ``"gcloud"``.
+    :param gpus: GPUs wanted (0: a CPU instance); picks the instance/machine type.
+    :param instance_type: EC2 instance type, overriding the choice from ``gpus``.
+    :param machine_type: GCE machine type, overriding the choice from ``gpus``.
+    :param accelerator: the GPU model: GCE accelerator type (``nvidia-l4``,
+        ``nvidia-tesla-a100``, ``nvidia-h100-80gb``, ``nvidia-tesla-t4``, ...) or, on EC2, a
+        family hint (``l4``, ``a10g``, ``l40s``, ``a100``, ``h100``).
+    :param region: EC2 region (default: the AWS configuration's, else us-east-1).
+    :param zone: GCE zone (default: us-central1-a).
+    :param project: GCE project (default: the application-default credentials' project).
+    :param image: an AMI id or ``ssm:/PARAMETER`` (EC2), or an image / image family URL (GCE),
+        instead of the lookup.
+    :param allow_cidr: who may reach the serving port and SSH; default: your own public
+        address (a /32), discovered over HTTPS. Never defaults to the whole internet.
+    :param max_lifetime: seconds after which the instance ends itself whatever happens.
+    :param ssh_user: the login user (default: ``ubuntu`` on EC2, ``studioserve`` on GCE).
+    :param disk_gb: boot disk size.
+    :param network: GCE network for the instance and its firewall rule.
+    :param service_account: GCE service account the instance uses to delete itself
+        (``"default"``: the project's default compute account; ``"none"``: no account, so
+        the instance only stops when the server exits and the max-lifetime rule deletes it).
+    :param connect_host: the address SSH and HTTP connect to instead of the instance's public
+        address (an SSH tunnel, a bastion; tests map it to 127.0.0.1).
+    :param ssh_port: the SSH port to connect to.
+    :param host_key: an OpenSSH public host key line to pin instead of reading it from the
+        instance's console (for images whose console does not show it, and tests).
+    :param endpoint_url: the cloud API endpoint (tests: moto or the GCE fake).
+    :param anonymous: GCE only: use anonymous credentials (for a fake API endpoint).
+    :param ready_timeout: seconds to wait for ``/readyz`` after starting the server.
+    :param ssh_timeout: seconds to wait for the host key and a working SSH login.
+    :param remote_python: the instance's Python that creates the virtualenv.
+    :param remote_dir: where everything goes on the instance (default ``~/studioserve``).
+    :param remote_venv_args: extra ``python -m venv`` arguments.
+    :param remote_pip_args: extra ``pip install`` arguments for the studioserve wheel.
+    :param remote_site_dirs: extra site-packages folders the virtualenv should see.
+    :param remote_requirements: packages installed when TensorFlow/Keras are missing there
+        (None: ``tensorflow[and-cuda]``/``tensorflow-cpu`` and ``keras``; ``()``: none).
+    :param remote_end_command: the shell command run when the server exits (default: the
+        boot script's ``studioserve-end``, which shuts the instance down and deletes it).
+    :param remote_bind_host: the address the server binds on the instance.
+    :param hooks: called before each step as ``hook(step, context)``.
+    """
+
+    cloud: str
+    gpus: int = 1
+    instance_type: str | None = None
+    machine_type: str | None = None
+    accelerator: str | None = None
+    region: str | None = None
+    zone: str | None = None
+    project: str | None = None
+    image: str | None = None
+    allow_cidr: str | None = None
+    max_lifetime: float = DEFAULT_MAX_LIFETIME
+    ssh_user: str | None = None
+    disk_gb: int = 100
+    network: str = "default"
+    service_account: str = "default"
+    connect_host: str | None = None
+    ssh_port: int = 22
+    host_key: str | None = None
+    endpoint_url: str | None = None
+    anonymous: bool = False
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+    ssh_timeout: float = DEFAULT_SSH_TIMEOUT
+    remote_python: str = "python3"
+    remote_dir: str | None = None
+    remote_venv_args: tuple[str, ...] = ()
+    remote_pip_args: tuple[str, ...] = ()
+    remote_site_dirs: tuple[str, ...] = ()
+    remote_requirements: tuple[str, ...] | None = None
+    remote_end_command: str | None = None
+    remote_bind_host: str = "0.0.0.0"
+    hooks: tuple[Hook, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cloud not in CLOUDS:
+            raise ConfigError(f"unknown cloud {self.cloud!r}; use one of: {', '.join(CLOUDS)}")
+        if self.gpus < 0:
+            raise ConfigError("--gpus must be >= 0 (0 means a CPU instance)")
+        if self.max_lifetime <= 0:
+            raise ConfigError("--max-lifetime must be > 0 seconds")
+        if self.disk_gb < 10:
+            raise ConfigError("the boot disk must be at least 10 GB")
+        if not 1 <= self.ssh_port <= 65535:
+            raise ConfigError(f"SSH port {self.ssh_port} is out of range")
+        if self.ready_timeout <= 0 or self.ssh_timeout <= 0:
+            raise ConfigError("timeouts must be > 0 seconds")
+        if self.allow_cidr is not None:
+            normalize_cidr(self.allow_cidr)
+        if self.ssh_user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", self.ssh_user):
+            raise ConfigError(f"invalid SSH user name {self.ssh_user!r}")
+
+    def replace(self, **changes: Any) -> CloudOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def normalize_cidr(value: str) -> str:
+    """``value`` as a canonical CIDR (a bare address becomes /32 or /128).
+
+    :raises ConfigError: when it is not an address or network.
+    """
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError as e:
+        raise ConfigError(
+            f"--allow-cidr {value!r} is not an IP network; write e.g. 203.0.113.7/32"
+        ) from e
+    return str(net)
+
+
+def parse_host_keys(text: str) -> list[str]:
+    """The SSH host public keys a boot console printed (cloud-init's key block).
+
+    Returns OpenSSH lines ``"TYPE BASE64"``; an empty list when the block is not there (yet).
+    """
+    keys: list[str] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if "BEGIN SSH HOST KEY KEYS" in line:
+            inside = True
+            keys = []
+            continue
+        if "END SSH HOST KEY KEYS" in line:
+            inside = False
+            continue
+        if not inside:
+            continue
+        # cloud-init may prefix console lines ("ec2: ssh-ed25519 AAAA... root@host")
+        match = re.search(r"((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+)\s+([A-Za-z0-9+/]+={0,3})", line)
+        if match:
+            keys.append(f"{match.group(1)} {match.group(2)}")
+    return keys
+
+
+def boot_script(*, deployment_id: str, expires_at: _dt.datetime, end_body: str) -> str:
+    """The boot script (EC2 user data / GCE startup-script): installs the end command and
+    schedules the max-lifetime backstop. It holds no secret: it is readable from the API.
+
+    The backstop is a persistent systemd timer at an absolute UTC time, so it also fires after
+    a reboot; ``shutdown -h +N`` stands in on images without systemd.
+    """
+    when = expires_at.astimezone(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    epoch = int(expires_at.timestamp())
+    return f"""#!/bin/sh
+# studioserve deployment {deployment_id}: end this instance when `studio serve` exits or at
+# {when} at the latest. This script holds no secret.
+cat > {END_SCRIPT} <<'STUDIOSERVE_END'
+#!/bin/sh
+# Ends this instance (studioserve {deployment_id}).
+logger -t studioserve "ending this instance: ${{1:-server exited}}" 2>/dev/null || true
+{end_body.strip()}
+STUDIOSERVE_END
+chmod 755 {END_SCRIPT}
+if command -v systemctl >/dev/null 2>&1; then
+  cat > /etc/systemd/system/studioserve-expire.service <<'EOF'
+[Unit]
+Description=studioserve: end this instance (max lifetime)
+[Service]
+Type=oneshot
+ExecStart={END_SCRIPT} "max lifetime reached"
+EOF
+  cat > /etc/systemd/system/studioserve-expire.timer <<'EOF'
+[Unit]
+Description=studioserve: max lifetime of this instance
+[Timer]
+OnCalendar={when}
+Persistent=true
+[Install]
+WantedBy=timers.target
+EOF
+  systemctl daemon-reload && systemctl enable --now studioserve-expire.timer && exit 0
+fi
+left=$(( ({epoch} - $(date +%s)) / 60 ))
+[ "$left" -lt 1 ] && left=1
+shutdown -h +"$left" "studioserve: max lifetime reached"
+"""
+
+
+def run_script(
+    *,
+    deployment_id: str,
+    remote_dir: str,
+    serve_args: Sequence[str],
+    end_command: str,
+) -> str:
+    """The script started on the instance: run ``studio serve``, then end the instance.
+
+    The token is not in it (``--token-file`` names a 0600 file).
+    """
+    q = shlex.quote
+    serve = " ".join(q(a) for a in serve_args)
+    return f"""#!/bin/sh
+# studioserve deployment {deployment_id}: serve, then end this instance when the server exits.
+cd {q(remote_dir)} || exit 1
+export STUDIO_HOME={q(remote_dir + "/home")}
+{serve}
+status=$?
+echo "studioserve: studio serve exited with status $status; ending the instance"
+{end_command}
+"""
+
+
+class Provider(abc.ABC):
+    """One cloud: launch an instance, open its ports, find its host key, delete resources.
+
+    Methods that create resources call ``record(resource)`` right after each creation so the
+    caller can roll back. Deletions are idempotent: deleting what is already gone is fine.
+    """
+
+    #: ``"ec2"`` or ``"gcloud"``
+    cloud: str = ""
+    #: the default login user of the images this provider picks
+    default_ssh_user: str = "ubuntu"
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """The region (EC2) or zone (GCE) this provider works in."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, str | None]:
+        """What :func:`~studioserve.cloud.deploy.list_instances` needs to rebuild this provider:
+        ``region``, ``zone``, ``project``."""
+
+    @abc.abstractmethod
+    def launch(self, spec: LaunchSpec, record: Callable[[Resource], None]) -> InstanceInfo:
+        """Create the instance (and whatever must exist before it); wait until it runs."""
+
+    @abc.abstractmethod
+    def open_ports(
+        self, spec: LaunchSpec, instance: InstanceInfo, record: Callable[[Resource], None]
+    ) -> None:
+        """Allow TCP 22 and ``spec.port`` from ``spec.allow_cidr`` only."""
+
+    @abc.abstractmethod
+    def host_keys(self, instance: InstanceInfo, timeout: float) -> list[str]:
+        """The instance's SSH host public keys, as it reported them (console / guest
+        attributes), waiting up to ``timeout`` seconds.
+
+        :raises CloudError: when none appeared in time.
+        """
+
+    def after_connect(self, spec: LaunchSpec, forget: Callable[[Resource], None]) -> list[str]:
+        """Delete what is only needed until the first SSH login; returns summary lines."""
+        return []
+
+    @abc.abstractmethod
+    def find(self, deployment_id: str) -> list[Resource]:
+        """Every live resource tagged with ``deployment_id``."""
+
+    @abc.abstractmethod
+    def delete(self, resource: Resource) -> str:
+        """Delete ``resource`` (waiting until it is gone); returns a summary line."""
+
+    @abc.abstractmethod
+    def instance_state(self, instance_id: str) -> str:
+        """``"pending"``, ``"running"``, ``"stopping"``, ``"stopped"`` or ``"gone"``."""
