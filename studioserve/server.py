@@ -24,7 +24,7 @@ from .service import ModelService
 logger = logging.getLogger(__name__)
 
 #: Routes that never need the token (probes must work without secrets).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 def error_response(
@@ -97,7 +97,7 @@ def create_app(
     :param max_body: the largest request body in bytes; larger bodies get 413.
     :param info: extra facts shown on the status page.
     """
-    app = Flask("studioserve")
+    app = Flask("studioserve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body
     state = AppState(service, token, info)
     app.extensions["studioserve"] = state

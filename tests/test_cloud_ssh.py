@@ -198,6 +198,8 @@ def moto_url() -> Iterator[str]:
 def test_end_to_end_real_server_prediction_then_killafter(
     sshd: Sshd, moto_url: str, tmp_path: Path, keras_mlp_factory: Any
 ) -> None:
+    # moto's backends are per process, shared with other test modules' servers: start clean
+    urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/reset", method="POST"))
     ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name="us-east-1")
     ssm = boto3.client("ssm", endpoint_url=moto_url, region_name="us-east-1")
     ubuntu = "ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-20170721"
