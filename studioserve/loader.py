@@ -263,7 +263,7 @@ def load_model(
     modeldir: Path,
     wrapper: str | None = None,
     *,
-    max_batch_size: int = 64,
+    max_batch_size: int = 128,
     max_delay: float = 0.0,
     queue_size: int = 4096,
 ) -> LoadedModel:

@@ -1,0 +1,454 @@
+"""Shared pieces of the benchmarks: wrk runs and their parsing, subprocess servers, tables.
+
+Nothing here imports studioserve, numpy's heavy friends or Keras; the benchmark driver stays
+light so that it does not compete with the server for the machine's two cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+LUA_SCRIPT = HERE / "wrk_post.lua"
+PICKLE = "application/x-pickle"
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def loadavg() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages."""
+    return os.getloadavg()
+
+
+def load_str() -> str:
+    return "load {:.2f} {:.2f} {:.2f}".format(*loadavg())
+
+
+def wait_for_quiet(max_load: float, max_wait: float, log: IO[str] = sys.stderr) -> None:
+    """Wait (up to ``max_wait`` seconds) until the 1-minute load average is below ``max_load``."""
+    deadline = time.monotonic() + max_wait
+    first = True
+    while loadavg()[0] > max_load and time.monotonic() < deadline:
+        if first:
+            print(f"# waiting for the 1-min load to drop below {max_load} ({load_str()})", file=log)
+            first = False
+        time.sleep(5)
+    if loadavg()[0] > max_load:
+        print(f"# warning: starting anyway at {load_str()}", file=log)
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its live descendants, from /proc (Linux).
+
+    Returns NaN where /proc is not available.
+    """
+    try:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+                except (OSError, IndexError):
+                    continue
+        total = 0.0
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                fields = _stat(p)
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+            todo.extend(children.get(p, []))
+        return total / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit(
+            "wrk is not installed: run 'apt-get install -y wrk' (or install it from "
+            "https://github.com/wg/wrk) and try again"
+        )
+    return wrk
+
+
+# -- wrk -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    """One wrk run. Latencies in milliseconds."""
+
+    requests: int
+    seconds: float
+    req_per_s: float
+    p50_ms: float
+    p75_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int  # socket errors + timeouts + non-2xx/3xx answers
+    status_errors: int
+    #: the server's CPU use during the run, in cores (1.0 = one core busy), when its pid was given
+    server_cores: float = float("nan")
+    #: the server's CPU time per request in microseconds, when its pid was given
+    cpu_us_per_req: float = float("nan")
+    raw: str = field(default="", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_duration_ms(text: str) -> float:
+    """wrk's latency notation (``215.00us``, ``1.02ms``, ``2.00s``, ``1.00m``) in ms."""
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Parse ``wrk --latency`` output (and the WRKJSON line that wrk_post.lua prints)."""
+    pct: dict[int, float] = {}
+    block = output.split("Latency Distribution", 1)
+    if len(block) == 2:
+        for m in re.finditer(r"^\s+(\d+(?:\.\d+)?)%\s+(\S+)\s*$", block[1], re.M):
+            pct[round(float(m.group(1)))] = parse_duration_ms(m.group(2))
+    rps_m = re.search(r"^Requests/sec:\s+([0-9.]+)", output, re.M)
+    req_m = re.search(r"^\s*(\d+) requests in ([0-9.]+)(us|ms|s|m)", output, re.M)
+    if not rps_m or not req_m or 50 not in pct or 99 not in pct:
+        raise RuntimeError(f"could not parse wrk's output:\n{output}")
+    errors = 0
+    status_errors = 0
+    js = re.search(r"^WRKJSON (\{.*\})\s*$", output, re.M)
+    if js:
+        d = json.loads(js.group(1))
+        status_errors = int(d["status_errors"])
+        errors = status_errors + sum(
+            int(d[k]) for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+        )
+    else:
+        non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+        status_errors = int(non2xx.group(1)) if non2xx else 0
+        sock = re.search(
+            r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+        )
+        errors = status_errors + (sum(int(g) for g in sock.groups()) if sock else 0)
+    return WrkResult(
+        requests=int(req_m.group(1)),
+        seconds=parse_duration_ms(req_m.group(2) + req_m.group(3)) / 1e3,
+        req_per_s=float(rps_m.group(1)),
+        p50_ms=pct[50],
+        p75_ms=pct.get(75, float("nan")),
+        p90_ms=pct.get(90, float("nan")),
+        p99_ms=pct[99],
+        errors=errors,
+        status_errors=status_errors,
+        raw=output,
+    )
+
+
+def run_wrk(
+    url: str,
+    body_file: Path,
+    *,
+    connections: int,
+    duration: float,
+    threads: int = 1,
+    content_type: str = PICKLE,
+    warmup: float = 0.0,
+    timeout: str = "10s",
+    server_pid: int | None = None,
+) -> WrkResult:
+    """POST ``body_file`` to ``url`` with wrk; ``warmup`` seconds of load first (not counted).
+
+    With ``server_pid``, the server's CPU time (with its child processes) is read around the
+    counted run.
+    """
+    wrk = find_wrk()
+    env = dict(os.environ, WRK_BODY=str(body_file), WRK_CONTENT_TYPE=content_type)
+    threads = max(1, min(threads, connections))
+
+    def cmd(seconds: float) -> list[str]:
+        return [
+            wrk,
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={timeout}",
+            "--latency",
+            "-s",
+            str(LUA_SCRIPT),
+            url,
+        ]
+
+    if warmup > 0:
+        subprocess.run(cmd(warmup), env=env, capture_output=True, text=True, check=False)
+    cpu0 = cpu_seconds(server_pid) if server_pid else float("nan")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        cmd(duration), env=env, capture_output=True, text=True, timeout=duration + 60
+    )
+    elapsed = time.monotonic() - t0
+    cpu = (cpu_seconds(server_pid) if server_pid else float("nan")) - cpu0
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    res = parse_wrk(proc.stdout)
+    res.server_cores = cpu / elapsed
+    res.cpu_us_per_req = cpu / res.requests * 1e6 if res.requests else float("nan")
+    return res
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+def http_post(url: str, body: bytes, content_type: str = PICKLE, timeout: float = 30.0) -> bytes:
+    req = urllib.request.Request(url, data=body, method="POST")
+    req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data: bytes = resp.read()
+            return data
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:500].decode("utf-8", "replace")
+        raise RuntimeError(f"POST {url} answered {e.code}: {detail}") from None
+
+
+def scrape_metrics(url: str, names: Iterable[str]) -> dict[str, float]:
+    """GET ``url`` (Prometheus text) and sum each named sample over its labels.
+
+    Returns an empty dict when the server has no metrics endpoint.
+    """
+    wanted = set(names)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)", line)
+        if m and m.group(1) in wanted:
+            try:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+            except ValueError:
+                continue
+    return out
+
+
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    """Poll GET ``url`` until it answers 200."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout}s (last error: {last})")
+
+
+# -- server subprocesses -------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A server started as a subprocess; its output is collected in the background.
+
+    :param cmd: the command line.
+    :param name: for messages.
+    :param url_pattern: a regex with one group matching the URL in its output (else ``url``).
+    :param url: the URL when known in advance.
+    :param ready_path: polled until 200 before :meth:`start` returns.
+    """
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        name: str,
+        *,
+        url_pattern: str | None = None,
+        url: str | None = None,
+        ready_path: str = "/readyz",
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.cmd = list(cmd)
+        self.name = name
+        self.url_pattern = re.compile(url_pattern) if url_pattern else None
+        self.url = url
+        self.ready_path = ready_path
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.cwd = cwd
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._url_seen = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.url_pattern is not None and not self._url_seen.is_set():
+                m = self.url_pattern.search(line)
+                if m:
+                    self.url = m.group(1)
+                    self._url_seen.set()
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"bench-{self.name}", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + self.start_timeout
+        if self.url_pattern is not None:
+            while not self._url_seen.wait(0.1):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.fail("did not print its URL")
+        assert self.url is not None
+        try:
+            wait_http_ok(
+                self.url.rstrip("/") + self.ready_path, deadline - time.monotonic(), self.proc
+            )
+        except RuntimeError as e:
+            self.fail(str(e))
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def output(self, last: int = 40) -> str:
+        return "\n".join(self.lines[-last:])
+
+    def fail(self, why: str) -> None:
+        self.stop()
+        raise RuntimeError(
+            f"{self.name} ({' '.join(self.cmd)}) {why}; its output:\n{self.output()}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+        return proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- numbers and tables --------------------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    vals = [v for v in values if v == v]  # drop NaN
+    return statistics.median(vals) if vals else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and b == b and a == a else float("nan")
+
+
+def fmt_num(v: Any, spec: str = ".0f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v != v:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
+    """A plain aligned text table: the first ``left`` columns left-aligned, the rest right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, c in enumerate(cells):
+            out.append(c.ljust(widths[i]) if i < left else c.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def python_env(extra_path: Sequence[Path] = ()) -> dict[str, str]:
+    """Environment for Python subprocesses: quiet TensorFlow, bench/ importable."""
+    paths = [str(p) for p in extra_path]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return {
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
