@@ -289,6 +289,7 @@ class _Metrics:
         )
         self._children: dict[str, tuple[Any, Any, Any]] = {}
         self._route_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, int], Any] = {}
 
         model = state.service.model
         metrics = self
@@ -308,7 +309,12 @@ class _Metrics:
         )
 
     def on_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
+        counter = self._request_children.get((route, status))
+        if counter is None:
+            counter = self._request_children[(route, status)] = self.requests.labels(
+                route, str(status)
+            )
+        counter.inc()
         child = self._route_children.get(route)
         if child is None:
             child = self._route_children[route] = self.latency.labels(route)
