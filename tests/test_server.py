@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from studioserve import wire
 from studioserve.client import Client
 from studioserve.errors import ClientError
 from studioserve.loader import LoadedModel
@@ -409,3 +410,53 @@ def test_wrapper_without_create_model_is_a_startup_error(tmp_path: Path, store: 
     ):
         pass
     assert str(path) in str(info.value)
+
+
+def _gated_pipe(queue_size: int = 1024) -> tuple[ModelPipe, threading.Event, threading.Event]:
+    gate, entered = threading.Event(), threading.Event()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        gate.wait(30)
+        return batch + 1
+
+    pipe = ModelPipe(queue_size=queue_size, name="gated")
+    pipe.add(fn, max_batch_size=1)
+    return pipe, gate, entered
+
+
+def test_overload_gets_503_with_retry_after_and_recovers() -> None:
+    pipe, gate, entered = _gated_pipe(queue_size=1)
+    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    with running_server(model=loaded) as server, ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(post_pickle, server.url, {"a": np.zeros((1, 2))})
+        assert entered.wait(30)
+        queued = pool.submit(post_pickle, server.url, {"a": np.zeros((1, 2))})
+        while pipe.stats().in_flight < 2:
+            threading.Event().wait(0.005)
+        status, headers, body = post_pickle(server.url, {"a": np.zeros((1, 2))})
+        assert status == 503, body
+        assert int(headers["retry-after"]) >= 1
+        assert error_of(body)["type"] == "overloaded"
+        gate.set()
+        assert busy.result(30)[0] == 200
+        assert queued.result(30)[0] == 200
+        status, _, body = post_pickle(server.url, {"a": np.ones((1, 2))})
+        assert status == 200
+        np.testing.assert_array_equal(wire.decode_response(body, None)["a"], 2 * np.ones((1, 2)))
+
+
+def test_a_request_past_its_timeout_gets_504_and_the_server_keeps_serving() -> None:
+    pipe, gate, entered = _gated_pipe()
+    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    with running_server(model=loaded, request_timeout=0.2) as server:
+        status, _, body = post_pickle(server.url, {"slow": np.zeros((1, 2))})
+        assert entered.is_set()
+        assert status == 504, body
+        err = error_of(body)
+        assert err["type"] == "deadline_exceeded"
+        assert "slow" in err["keys"]
+        gate.set()
+        status, _, body = post_pickle(server.url, {"a": np.ones((1, 2))})
+        assert status == 200
+        np.testing.assert_array_equal(wire.decode_response(body, None)["a"], 2 * np.ones((1, 2)))
