@@ -6,12 +6,13 @@ import abc
 import dataclasses
 import datetime as _dt
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ConfigError, ExperimentNotFound, InvalidKey
+from ..errors import ConfigError, ExperimentNotFound, InvalidKey, StoreError
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 EXPERIMENT_FILE = "experiment.json"
@@ -56,6 +57,22 @@ class ExperimentInfo:
             description=str(data.get("description", "")),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+    @classmethod
+    def parse(cls, raw: bytes | str, key: str, *, where: str, fix: str) -> ExperimentInfo:
+        """``key``'s metadata from the text of its ``experiment.json``.
+
+        :param where: the file or object URL, for messages.
+        :param fix: what the user should do about a damaged file.
+        :raises StoreError: when the text is not a JSON object.
+        """
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise StoreError(f"cannot read {where}: not valid JSON ({e}); {fix}") from e
+        if not isinstance(data, dict):
+            raise StoreError(f"{where} does not hold a JSON object; {fix}")
+        return cls.from_json(data, key)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)

@@ -953,19 +953,12 @@ class RemoteStore(Store):
             raw = self._call(lambda: self._read_object(name), what=f"read {self._object_url(name)}")
         except MissingObject:
             raise self.not_found(key) from None
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise StoreError(
-                f"{self._object_url(name)} is not valid JSON ({e}); fix it, or re-add the "
-                f"experiment with 'studio experiments add {key} DIR --force'"
-            ) from e
-        if not isinstance(data, dict):
-            raise StoreError(
-                f"{self._object_url(name)} does not hold a JSON object; re-add the experiment "
-                f"with 'studio experiments add {key} DIR --force'"
-            )
-        return ExperimentInfo.from_json(data, key)
+        return ExperimentInfo.parse(
+            raw,
+            key,
+            where=self._object_url(name),
+            fix=f"fix it, or re-add the experiment with 'studio experiments add {key} DIR --force'",
+        )
 
     def add(
         self,

@@ -50,15 +50,14 @@ class LocalStore(Store):
 
     def info(self, key: str) -> ExperimentInfo:
         path = self._dir(key) / EXPERIMENT_FILE
+        fix = "fix or remove that experiment"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise self.not_found(key) from None
-        except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read {path}: {e}; fix or remove that experiment") from e
-        if not isinstance(data, dict):
-            raise StoreError(f"{path} does not hold a JSON object; fix or remove that experiment")
-        return ExperimentInfo.from_json(data, key)
+        except OSError as e:
+            raise StoreError(f"cannot read {path}: {e}; {fix}") from e
+        return ExperimentInfo.parse(raw, key, where=str(path), fix=fix)
 
     def add(
         self,
