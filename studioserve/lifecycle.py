@@ -58,20 +58,18 @@ def _port_error(host: str, port: int, e: OSError) -> ConfigError:
     )
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _probe_port(host: str, port: int) -> int:
+    """Check that ``host:port`` can be bound and return the port (0: a free one).
 
-
-def _check_bindable(host: str, port: int) -> None:
+    :raises ConfigError: when it cannot be bound (in use, no such address).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError as e:
             raise _port_error(host, port, e) from e
+        return int(s.getsockname()[1])
 
 
 def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
@@ -94,9 +92,7 @@ class GranianServer:
     def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
         self.app = app
         self.host = host
-        if port:
-            _check_bindable(host, port)
-        self.port = port or _free_port(host)
+        self.port = _probe_port(host, port)
         self.threads = threads
         self._server: Any = None
         self._thread: threading.Thread | None = None

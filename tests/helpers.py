@@ -8,15 +8,19 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 from studioserve.config import ServeConfig
 from studioserve.lifecycle import ModelServer
 from studioserve.loader import LoadedModel
+from studioserve.pipelines import ModelPipe
 
 
 @contextmanager
@@ -100,3 +104,19 @@ def stop_cli(proc: subprocess.Popen[str], timeout: float = 60) -> int:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def gated_pipe(
+    *, queue_size: int = 1024, max_batch_size: int = 8
+) -> tuple[ModelPipe, threading.Event, threading.Event]:
+    """A pipe whose batched ``x + 1`` waits on ``gate``; ``entered`` is set once it is called."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        entered.set()
+        gate.wait(30)
+        return batch + 1
+
+    pipe = ModelPipe(queue_size=queue_size, name="gated")
+    pipe.add(fn, max_batch_size=max_batch_size)
+    return pipe, gate, entered

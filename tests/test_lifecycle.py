@@ -14,25 +14,11 @@ import pytest
 
 from studioserve.client import Client
 from studioserve.loader import LoadedModel
-from studioserve.pipelines import ModelPipe
-from tests.helpers import raw_post, running_server, start_cli
-
-
-def _gated_pipe() -> tuple[ModelPipe, threading.Event, threading.Event]:
-    gate, entered = threading.Event(), threading.Event()
-
-    def fn(batch: np.ndarray) -> np.ndarray:
-        entered.set()
-        gate.wait(30)
-        return batch + 1
-
-    pipe = ModelPipe(name="gated")
-    pipe.add(fn, max_batch_size=8)
-    return pipe, gate, entered
+from tests.helpers import gated_pipe, raw_post, running_server, start_cli
 
 
 def test_killafter_waits_for_the_in_flight_request_then_exits() -> None:
-    pipe, gate, entered = _gated_pipe()
+    pipe, gate, entered = gated_pipe()
     loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
     killafter = 0.3
     with running_server(model=loaded, killafter=killafter) as server:
@@ -78,7 +64,7 @@ def test_probes_do_not_keep_the_server_alive() -> None:
 
 
 def test_draining_server_refuses_new_requests_with_503() -> None:
-    pipe, gate, entered = _gated_pipe()
+    pipe, gate, entered = gated_pipe()
     loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
     with running_server(model=loaded) as server, Client(server.url) as client:
         results: list[Any] = []

@@ -21,7 +21,7 @@ from studioserve.errors import ClientError
 from studioserve.loader import LoadedModel
 from studioserve.pipelines import ModelPipe
 from studioserve.store.local import LocalStore
-from tests.helpers import error_of, post_pickle, raw_post, running_server
+from tests.helpers import error_of, gated_pipe, post_pickle, raw_post, running_server
 
 IN_DIM = 8
 OUT_DIM = 3
@@ -412,21 +412,8 @@ def test_wrapper_without_create_model_is_a_startup_error(tmp_path: Path, store: 
     assert str(path) in str(info.value)
 
 
-def _gated_pipe(queue_size: int = 1024) -> tuple[ModelPipe, threading.Event, threading.Event]:
-    gate, entered = threading.Event(), threading.Event()
-
-    def fn(batch: np.ndarray) -> np.ndarray:
-        entered.set()
-        gate.wait(30)
-        return batch + 1
-
-    pipe = ModelPipe(queue_size=queue_size, name="gated")
-    pipe.add(fn, max_batch_size=1)
-    return pipe, gate, entered
-
-
 def test_overload_gets_503_with_retry_after_and_recovers() -> None:
-    pipe, gate, entered = _gated_pipe(queue_size=1)
+    pipe, gate, entered = gated_pipe(queue_size=1, max_batch_size=1)
     loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
     with running_server(model=loaded) as server, ThreadPoolExecutor(2) as pool:
         busy = pool.submit(post_pickle, server.url, {"a": np.zeros((1, 2))})
@@ -447,7 +434,7 @@ def test_overload_gets_503_with_retry_after_and_recovers() -> None:
 
 
 def test_a_request_past_its_timeout_gets_504_and_the_server_keeps_serving() -> None:
-    pipe, gate, entered = _gated_pipe()
+    pipe, gate, entered = gated_pipe(max_batch_size=1)
     loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
     with running_server(model=loaded, request_timeout=0.2) as server:
         status, _, body = post_pickle(server.url, {"slow": np.zeros((1, 2))})
