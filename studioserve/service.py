@@ -27,6 +27,7 @@ from .errors import (
     StudioServeError,
 )
 from .loader import LoadedModel, TensorSpec
+from .pipelines.keras_stage import converts_safely
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,7 @@ def _check_dtype(key: str, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
     got = arr.dtype
     if got == want:
         return arr
-    ok = False
-    if want.kind == "f":
-        ok = got.kind in "fiu"
-    elif want.kind in "iu":
-        ok = got.kind in "iu" and np.can_cast(got, want, casting="same_kind")
-    elif want.kind == "b":
-        ok = False
-    if not ok:
+    if not converts_safely(got, want):
         raise InvalidInput(
             f"key {key!r}: input {spec.name!r} expects {want.name} values, got {got.name}",
             key=key,

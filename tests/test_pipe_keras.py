@@ -160,6 +160,40 @@ def test_unsafe_dtypes_are_refused(mlp: Any, value: np.ndarray, got: str) -> Non
     assert got.strip("<") in str(err) or value.dtype.name in str(err)
 
 
+_DTYPES = ["bool", "int8", "int64", "uint8", "uint64", "float16", "float32", "float64", "complex64"]
+
+
+@pytest.mark.parametrize("want", ["float32", "int32", "uint8", "bool", "complex64"])
+def test_server_and_stage_share_one_dtype_rule(want: str) -> None:
+    """service validation and the Keras stage accept exactly the same input dtypes."""
+    from studioserve.errors import PipelineError
+    from studioserve.loader import TensorSpec
+    from studioserve.pipelines.keras_stage import _check, _InputSpec, converts_safely
+    from studioserve.service import _check_dtype
+
+    w = np.dtype(want)
+    spec = TensorSpec(name="x", shape=(3,), dtype=want)
+    stage_spec = _InputSpec("x", (3,), w)
+    for got in _DTYPES:
+        arr = np.ones((2, 3), dtype=got)
+        try:
+            served = _check_dtype("k", spec, arr).dtype
+        except PipelineError:
+            served = None
+        try:
+            staged = _check(stage_spec, arr).dtype
+        except InvalidInput:
+            staged = None
+        assert served == staged, (got, want, served, staged)
+        assert (served is not None) == converts_safely(np.dtype(got), w), (got, want)
+        if served is not None:
+            assert served == w
+    assert not converts_safely(np.dtype("float64"), np.dtype("int64"))
+    assert not converts_safely(np.dtype("int8"), np.dtype("uint8"))
+    assert not converts_safely(np.dtype("bool"), np.dtype("float32"))
+    assert converts_safely(np.dtype("uint8"), np.dtype("int8"))
+
+
 def test_plain_lists_are_accepted(mlp: Any) -> None:
     with ModelPipe() as pipe:
         pipe.add(mlp)

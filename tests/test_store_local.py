@@ -119,6 +119,22 @@ def test_open_store_gives_a_local_store(store_dir: Path) -> None:
         assert opened.url == str(store_dir)
 
 
+def test_open_store_file_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spaced = tmp_path / "my store"
+    cases = {
+        "file://relative/dir": Path("relative/dir"),
+        "file:relative": Path("relative"),
+        f"file://localhost{tmp_path}": tmp_path,
+        f"file://{tmp_path}/my%20store": spaced,
+        "relative/dir": Path("relative/dir"),
+    }
+    for url, want in cases.items():
+        opened = open_store(url)
+        assert isinstance(opened, LocalStore), url
+        assert opened.root.resolve() == (tmp_path / want).resolve(), url
+
+
 # --------------------------------------------------------------------------------------------
 # keys
 

@@ -27,7 +27,7 @@ from ..errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "KerasRunner", "is_keras_model"]
+__all__ = ["METHODS", "KerasRunner", "converts_safely", "is_keras_model"]
 
 #: the ways :class:`KerasRunner` can call a model ("auto" picks the fastest available)
 METHODS = ("auto", "concrete", "tf_function", "predict_on_batch", "call")
@@ -36,6 +36,24 @@ METHODS = ("auto", "concrete", "tf_function", "predict_on_batch", "call")
 # and unsigned ints become floats, float64 becomes float32; never bools, complex numbers,
 # strings or objects into a numeric input.
 _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "u", "b": "b", "c": "fiuc"}
+
+
+def converts_safely(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
+    """Whether values of dtype ``got`` may be cast to a model input of dtype ``want``.
+
+    The one rule for every model input (the server's request validation uses it too): ints
+    and unsigned ints into floats, float64 into float32, signed into wider or narrower signed
+    ints, unsigned into any int, any number into complex; never a bool into a number or a
+    number into a bool, never a signed int into an unsigned one, never a float into an int.
+
+    >>> converts_safely(np.dtype("int64"), np.dtype("float32"))
+    True
+    >>> converts_safely(np.dtype("float32"), np.dtype("int32"))
+    False
+    """
+    if got == want:
+        return True
+    return got.kind in _ACCEPTED_KINDS.get(want.kind, want.kind)
 
 
 def is_keras_model(obj: object) -> bool:
@@ -267,7 +285,7 @@ def _check(spec: _InputSpec, value: Any) -> np.ndarray[Any, Any]:
     want = spec.dtype
     bad_dtype = False
     if want is not None and arr.dtype != want:
-        bad_dtype = arr.dtype.kind not in _ACCEPTED_KINDS.get(want.kind, want.kind)
+        bad_dtype = not converts_safely(arr.dtype, want)
     bad_shape = arr.ndim != len(shape) + 1 or any(
         d is not None and d != g for d, g in zip(shape, arr.shape[1:], strict=False)
     )

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from ..errors import ConfigError, ExperimentNotFound, InvalidKey, StoreError
 
@@ -167,7 +167,14 @@ def open_store(url: str) -> Store:
     if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
         from .local import LocalStore
 
-        path = parsed.path if scheme == "file" else url
+        path = url
+        if scheme == "file":
+            # file:///abs and file://localhost/abs are absolute; file://rel/dir and file:rel
+            # are read as the relative path people meant, not as a host name
+            host = parsed.netloc
+            path = unquote(parsed.path)
+            if host and host.lower() != "localhost":
+                path = unquote(host) + path
         return LocalStore(Path(path).expanduser())
     if scheme == "s3":
         try:
