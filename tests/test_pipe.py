@@ -364,6 +364,34 @@ def test_a_deadline_already_passed_fails_without_queueing() -> None:
     assert isinstance(err, DeadlineExceeded)
 
 
+def test_submit_timeout_is_a_relative_deadline(gate: Gate) -> None:
+    with ModelPipe() as pipe:
+        pipe.add(gate, max_batch_size=4, name="m")
+        pipe.submit(0)
+        gate.entered.wait()
+        start = time.monotonic()
+        late = pipe.submit(1, key="late", timeout=0.005)
+        # the earlier of deadline and timeout wins
+        also_late = pipe.submit(3, key="also", deadline=start + 3600, timeout=0.005)
+        fine = pipe.submit(2, timeout=3600)
+        _wait_until(start + 0.006)
+        gate.release.set()
+        assert fine.result() == 2
+        assert isinstance(late.exception(), DeadlineExceeded)
+        assert isinstance(also_late.exception(), DeadlineExceeded)
+        with pytest.raises(ValueError, match="timeout"):
+            pipe.submit(4, timeout=-1)
+    assert all(1 not in c and 3 not in c for c in gate.calls)
+
+
+def test_pipeline_errors_are_importable_from_the_package() -> None:
+    import studioserve.errors as errors
+    import studioserve.pipelines as pipelines
+
+    for name in ("Overloaded", "DeadlineExceeded", "PipelineError", "ItemFailed", "PipeClosed"):
+        assert getattr(pipelines, name) is getattr(errors, name)
+
+
 def test_stage_timeout_bounds_the_queue_wait(gate: Gate) -> None:
     with ModelPipe() as pipe:
         pipe.add(gate, num_workers=1, timeout=0.005)
@@ -592,8 +620,16 @@ def test_public_names() -> None:
     assert set(pipelines.__all__) == {
         "AIMDController",
         "BatchEvent",
+        "BatchSizeMismatch",
         "Batcher",
+        "DeadlineExceeded",
+        "InvalidInput",
+        "ItemFailed",
+        "ItemFiltered",
         "ModelPipe",
+        "Overloaded",
+        "PipeClosed",
+        "PipelineError",
         "PipeStats",
         "StageStats",
         "collate",

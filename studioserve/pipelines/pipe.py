@@ -484,19 +484,34 @@ class ModelPipe:
         return f"<ModelPipe {self.name!r}: {' -> '.join(parts) or 'identity'}>"
 
     # -- service mode --------------------------------------------------------------------------
-    def submit(self, item: Any, *, key: Any = None, deadline: float | None = None) -> Future[Any]:
+    def submit(
+        self,
+        item: Any,
+        *,
+        key: Any = None,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> Future[Any]:
         """Send one item through the pipe.
 
         :param item: the first function's input.
         :param key: a name for the item in errors and logs (e.g. the request's key).
         :param deadline: an absolute :func:`time.monotonic` time; if it passes before a stage
             computes the item, the item fails with :class:`~studioserve.errors.DeadlineExceeded`.
+        :param timeout: the same as a deadline ``timeout`` seconds from now (the earlier of the
+            two wins when both are given).
         :returns: a future for the last function's output; its exception, if any, is a
             :class:`~studioserve.errors.PipelineError` naming the key and the stage.
         :raises Overloaded: at once, when the first stage's queue is full (``retry_after`` says
             when to try again).
         :raises PipeClosed: after :meth:`close`.
+        :raises ValueError: for a negative ``timeout``.
         """
+        if timeout is not None:
+            if timeout < 0:
+                raise ValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
+            limit = _monotonic() + timeout
+            deadline = limit if deadline is None else min(deadline, limit)
         return self._submit(item, key, deadline, False)
 
     def _submit(self, item: Any, key: Any, deadline: float | None, block: bool) -> Future[Any]:
