@@ -7,6 +7,12 @@ is also what the page polls once a second (``fetch("./", {headers: {Accept:
 "application/json"}})``). The page's script and style are bundled in ``studioserve/static/``
 and inlined into the page; nothing is loaded from anywhere else.
 
+With token auth on, a browser's ``GET /`` without the header gets a sign-in page instead (still
+status 401, and nothing about the model in it): the token typed there, or given as the URL
+fragment ``#token=...`` (browsers never send fragments to the server), is kept in the tab's
+``sessionStorage``; the page then fetches the status page and every poll with
+``Authorization: Bearer``.
+
 The JSON has ``model`` (kind, source, inputs, outputs, load_seconds), ``ready``,
 ``uptime_seconds``, ``in_flight``, ``requests_accepted``, ``shutdown_in_seconds``, the
 server's facts (``experiment``, ``batching``, ...), ``pipe`` (per-stage counters, when the
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["render_status", "status_info"]
+__all__ = ["render_sign_in", "render_status", "status_info"]
 
 
 def _spec(s: Any) -> dict[str, Any]:
@@ -122,6 +128,14 @@ def render_status(state: AppState, accept: MIMEAccept) -> Response:
         return resp
     resp = Response(_page(info), mimetype="text/html")
     resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def render_sign_in() -> Response:
+    """The 401 answer to a browser's ``GET /`` without a valid token (see the module docstring)."""
+    resp = Response(_sign_in_page(), status=401, mimetype="text/html")
+    resp.headers["Cache-Control"] = "no-store"
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="studioserve"'
     return resp
 
 
@@ -264,5 +278,31 @@ def _page(info: dict[str, Any]) -> str:
 </main>
 <script id="initial" type="application/json">{initial}</script>
 <script>{_asset("status.js")}</script>
+</body></html>
+"""
+
+
+@functools.cache
+def _sign_in_page() -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>studioserve · sign in</title>
+<style>{_asset("status.css")}</style>
+</head><body>
+<header><h1>studioserve</h1><span class="pill bad">token required</span></header>
+<main>
+<form id="sign-in" class="card" autocomplete="off">
+ <p>This server needs the bearer token printed when it started
+ (<code>studio serve</code> prints it once, and writes it to <code>--token-file</code>).</p>
+ <p><label>token <input id="token" type="password" size="48" required></label>
+ <button type="submit">show status</button></p>
+ <p id="sign-in-error" class="bad" role="alert"></p>
+ <p class="muted">The token stays in this browser tab (<code>sessionStorage</code>) and is sent
+ only to this server, as an <code>Authorization</code> header.</p>
+</form>
+</main>
+<script>{_asset("sign_in.js")}</script>
 </body></html>
 """

@@ -213,3 +213,47 @@ def test_html_only_for_browsers_and_nothing_from_elsewhere() -> None:
     assert "<style>" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def test_with_auth_a_browser_gets_a_sign_in_page_that_tells_nothing() -> None:
+    with running_server("secret-exp", model=_model(), token="tok-123") as server:
+        url = server.url
+        status, h, body = raw_post(url, None, {"Accept": BROWSER}, method="GET")
+        assert status == 401
+        assert h["content-type"].startswith("text/html")
+        assert h["www-authenticate"].startswith("Bearer")
+        page = body.decode()
+        # programs still get the JSON error, and a good header still gets the page
+        status, h, jbody = raw_post(url, None, {"Accept": "application/json"}, method="GET")
+        assert status == 401
+        assert json.loads(jbody)["error"]["type"] == "unauthorized"
+        good = {"Accept": BROWSER, "Authorization": "Bearer tok-123"}
+        status, _, full = raw_post(url, None, good, method="GET")
+        assert status == 200
+        assert b"page-test" in full
+    assert 'id="sign-in"' in page
+    for secret in ("secret-exp", "page-test", "matmul", "tok-123", "float32"):
+        assert secret not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+
+
+def test_with_auth_the_page_works_in_a_browser_given_the_token(tmp_path: Path) -> None:
+    with running_server("auth-page", model=_model(), token="tok-456") as server:
+        url = server.url
+        good = {"Authorization": "Bearer tok-456"}
+        assert raw_post(url, pickle.dumps({"k": np.ones(16, np.float32)}), good)[0] == 200
+        dom = Dom(dump_dom(url + "/#token=tok-456", tmp_path))
+        wrong = Dom(dump_dom(url + "/#token=nope", tmp_path, budget_ms=1500))
+    # the real page, shown by the sign-in script, polling with the header
+    assert dom.text("model-kind") == "pipe"
+    assert dom.text("conn") == "live"
+    body_attrs = next(a for tag, a in dom.elements if tag == "body")
+    assert int(body_attrs["data-updates"]) >= 2
+    assert dom.attr("total-requests", "data-value") == "1"
+    # a wrong token: still the sign-in form, with the reason
+    assert "sign-in" in wrong.by_id
+    assert "wrong token" in wrong.text("sign-in-error")
+    assert "model-kind" not in wrong.by_id

@@ -198,7 +198,11 @@
   }
 
   function poll() {
-    fetch("./", { headers: { Accept: "application/json" }, cache: "no-store" })
+    var headers = { Accept: "application/json" };
+    var token = null;
+    try { token = sessionStorage.getItem("studioserve-token"); } catch (e) { token = null; }
+    if (token) { headers.Authorization = "Bearer " + token; }
+    fetch("./", { headers: headers, cache: "no-store" })
       .then(function (r) {
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.json();
