@@ -108,12 +108,11 @@ def create_app(
         if request.path in PUBLIC_PATHS or state.authorized(request.headers.get("Authorization")):
             return None
         if request.path == "/" and request.method in ("GET", "HEAD"):
-            accept = request.accept_mimetypes
-            if accept.best_match(["application/json", "text/html"]) == "text/html":
+            from .status import render_sign_in, wants_html
+
+            if wants_html(request.accept_mimetypes):
                 # a browser cannot send the bearer header on navigation: give it a sign-in
                 # page (no facts about the model) whose script does, still with status 401
-                from .status import render_sign_in
-
                 return render_sign_in()
         return error_response(
             401,

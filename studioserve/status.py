@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["render_sign_in", "render_status", "status_info"]
+__all__ = ["render_sign_in", "render_status", "status_info", "wants_html"]
 
 
 def _spec(s: Any) -> dict[str, Any]:
@@ -119,10 +119,15 @@ def status_info(state: AppState) -> dict[str, Any]:
     return info
 
 
+def wants_html(accept: MIMEAccept) -> bool:
+    """Whether a request's ``Accept`` prefers HTML to JSON (a browser navigating)."""
+    return accept.best_match(["application/json", "text/html"]) == "text/html"
+
+
 def render_status(state: AppState, accept: MIMEAccept) -> Response:
     """The response to ``GET /``: HTML for browsers, JSON otherwise."""
     info = status_info(state)
-    if accept.best_match(["application/json", "text/html"]) != "text/html":
+    if not wants_html(accept):
         resp = Response(json.dumps(info, default=str), mimetype="application/json")
         resp.headers["Cache-Control"] = "no-store"
         return resp
