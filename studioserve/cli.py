@@ -221,6 +221,11 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
     help="GPU model: a GCE accelerator type, or an EC2 family hint (l4, a10g, l40s, a100, h100).",
 )
 @click.option("--region", default=None, help="EC2 region.")
+@click.option(
+    "--subnet",
+    default=None,
+    help="EC2 subnet id to launch in (default: the region's default VPC).",
+)
 @click.option("--zone", default=None, help="GCE zone.")
 @click.option("--project", default=None, help="GCE project.")
 @click.option(
@@ -265,6 +270,7 @@ def serve(
     machine_type: str | None,
     accelerator: str | None,
     region: str | None,
+    subnet: str | None,
     zone: str | None,
     project: str | None,
     image: str | None,
@@ -284,6 +290,7 @@ def serve(
         "--machine-type": machine_type,
         "--accelerator": accelerator,
         "--region": region,
+        "--subnet": subnet,
         "--zone": zone,
         "--project": project,
         "--image": image,
@@ -327,6 +334,7 @@ def serve(
                 machine_type=machine_type,
                 accelerator=accelerator,
                 region=region,
+                subnet=subnet,
                 zone=zone,
                 project=project,
                 image=image,
@@ -351,10 +359,11 @@ def _serve_on_cloud(config: ServeConfig, *, cloud: str, **options: Any) -> None:
 
     if options["max_lifetime"] is None:
         del options["max_lifetime"]
+    cloud_options = CloudOptions(cloud=cloud, **options)  # checked before any download
     with open_store(resolve_store_url(config.store)) as store:
         modeldir = store.fetch(config.key, refresh=config.refresh, quiet=config.quiet)
     click.echo(f"Launching {config.key!r} on {cloud} ({options['gpus']} GPU(s))...", err=True)
-    dep = deploy(config, modeldir, CloudOptions(cloud=cloud, **options))
+    dep = deploy(config, modeldir, cloud_options)
     click.echo(f"Serving experiment {config.key!r} at {dep.url}")
     click.echo(f"  instance: {dep.instance_id} ({dep.instance_type}) in {dep.zone or dep.region}")
     click.echo(f"  token: {dep.token}  (send 'Authorization: Bearer <token>')")

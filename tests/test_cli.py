@@ -112,6 +112,14 @@ def test_cloud_flags_need_cloud(runner: CliRunner) -> None:
     r = runner.invoke(main, ["serve", "k", "--gpus", "1", "--zone", "z"])
     assert r.exit_code == 2
     assert "--gpus, --zone need(s) --cloud" in r.output
+    r = runner.invoke(main, ["serve", "k", "--subnet", "subnet-0123456789abcdef0"])
+    assert r.exit_code == 2
+    assert "--subnet need(s) --cloud" in r.output
+    r = runner.invoke(
+        main, ["serve", "k", "--cloud", "gcloud", "--subnet", "subnet-0123456789abcdef0"]
+    )
+    assert r.exit_code == 1
+    assert "--subnet is for --cloud ec2" in r.output
 
 
 def test_instances_list_empty_and_stop_needs_ids(runner: CliRunner) -> None:

@@ -494,3 +494,81 @@ def test_list_cleans_up_after_instances_that_ended_and_dead_launches(
     assert list_instances() == []
     assert leftovers(ec2) == {}
     assert registry.load() == []
+
+
+# -- --subnet: a VPC other than the default one -------------------------------------------------
+
+
+@needs_sshd
+def test_deploy_into_a_subnet_of_another_vpc(
+    aws: dict[str, Any], sshd: Sshd, tmp_path: Path, modeldir: Path
+) -> None:
+    ec2 = aws["ec2"]
+    vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.1.0/24")["Subnet"]["SubnetId"]
+    init = CloudInit(ec2, sshd)
+    opts = options(aws, sshd, tmp_path, subnet=subnet, hooks=(init,))
+    dep = deploy(ServeConfig(key="exp", port=free_port(), killafter=300), modeldir, opts)
+    inst = init.snapshot["instance"]
+    [group] = init.snapshot["groups"]
+    assert (inst["SubnetId"], inst["VpcId"]) == (subnet, vpc)
+    assert group["VpcId"] == vpc
+    [eni] = inst["NetworkInterfaces"]
+    assert eni["SubnetId"] == subnet
+    assert [g["GroupId"] for g in eni["Groups"]] == [group["GroupId"]]
+    assert inst["PublicIpAddress"]  # asked for, whatever the subnet's default
+    assert post_json(dep.url, {"a": [1.0]}, dep.token) == (200, {"a": [1.0]})
+    text = "\n".join(stop_instances([dep.id]))
+    assert f"deleted security group {group['GroupId']}" in text
+    assert leftovers(ec2) == {}
+
+
+def test_an_unknown_subnet_is_a_clear_error_and_leaves_nothing(
+    aws: dict[str, Any], modeldir: Path
+) -> None:
+    opts = CloudOptions(
+        cloud="ec2",
+        subnet="subnet-0123456789abcdef0",
+        image="ssm:" + AMI_PARAMETER,
+        endpoint_url=aws["url"],
+        allow_cidr="198.51.100.7/32",
+        connect_host="127.0.0.1",
+    )
+    with pytest.raises(DeploymentFailed, match="subnet subnet-0123456789abcdef0 does not exist"):
+        deploy(ServeConfig(key="exp"), modeldir, opts)
+    assert leftovers(aws["ec2"]) == {}
+    assert list_instances(refresh=False) == []
+    assert local_keys() == []
+
+
+def test_no_default_vpc_names_the_subnet_option(aws: dict[str, Any], modeldir: Path) -> None:
+    ec2 = aws["ec2"]
+    [default] = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+    for sn in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [default["VpcId"]]}])[
+        "Subnets"
+    ]:
+        ec2.delete_subnet(SubnetId=sn["SubnetId"])
+    ec2.delete_vpc(VpcId=default["VpcId"])
+    opts = CloudOptions(
+        cloud="ec2",
+        image="ssm:" + AMI_PARAMETER,
+        endpoint_url=aws["url"],
+        allow_cidr="198.51.100.7/32",
+        connect_host="127.0.0.1",
+    )
+    with pytest.raises(DeploymentFailed, match="no default VPC; pass --subnet"):
+        deploy(ServeConfig(key="exp"), modeldir, opts)
+    assert leftovers(ec2) == {}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"subnet": "sub-123"}, "is not an EC2 subnet id"),
+        ({"subnet": "subnet-0123456789abcdef0", "cloud": "gcloud"}, "--subnet is for --cloud ec2"),
+    ],
+)
+def test_subnet_option_is_checked_up_front(changes: dict[str, Any], message: str) -> None:
+    fields: dict[str, Any] = {"cloud": "ec2", **changes}
+    with pytest.raises(ConfigError, match=message):
+        CloudOptions(**fields)

@@ -173,6 +173,8 @@ class CloudOptions:
         ``nvidia-tesla-a100``, ``nvidia-h100-80gb``, ``nvidia-tesla-t4``, ...) or, on EC2, a
         family hint (``l4``, ``a10g``, ``l40s``, ``a100``, ``h100``).
     :param region: EC2 region (default: the AWS configuration's, else us-east-1).
+    :param subnet: EC2 subnet id to launch in; the security group goes into its VPC and the
+        instance gets a public address there (default: the region's default VPC).
     :param zone: GCE zone (default: us-central1-a).
     :param project: GCE project (default: the application-default credentials' project).
     :param image: an AMI id or ``ssm:/PARAMETER`` (EC2), or an image / image family URL (GCE),
@@ -214,6 +216,7 @@ class CloudOptions:
     machine_type: str | None = None
     accelerator: str | None = None
     region: str | None = None
+    subnet: str | None = None
     zone: str | None = None
     project: str | None = None
     image: str | None = None
@@ -255,6 +258,13 @@ class CloudOptions:
             raise ConfigError("timeouts must be > 0 seconds")
         if self.allow_cidr is not None:
             normalize_cidr(self.allow_cidr)
+        if self.subnet is not None:
+            if self.cloud != "ec2":
+                raise ConfigError("--subnet is for --cloud ec2 (a GCE instance uses its network)")
+            if not re.fullmatch(r"subnet-[0-9a-f]{8,17}", self.subnet):
+                raise ConfigError(
+                    f"--subnet {self.subnet!r} is not an EC2 subnet id (subnet-0123456789abcdef0)"
+                )
         if self.ssh_user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", self.ssh_user):
             raise ConfigError(f"invalid SSH user name {self.ssh_user!r}")
 

@@ -220,12 +220,25 @@ class Ec2Provider(Provider):
             }
         ]
 
-    def _default_vpc(self) -> str:
+    def _vpc(self) -> str:
+        """The VPC the instance goes into: ``--subnet``'s, else the region's default VPC."""
+        subnet = self._options.subnet
+        if subnet is not None:
+            try:
+                found = self.ec2.describe_subnets(SubnetIds=[subnet])["Subnets"]
+            except botocore.exceptions.ClientError as e:
+                if "NotFound" not in _error_code(e):
+                    raise
+                found = []
+            if not found:
+                raise CloudError(f"subnet {subnet} does not exist in region {self._region}")
+            return found[0]["VpcId"]
         vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
             raise CloudError(
-                f"region {self._region} has no default VPC; create one "
-                "(aws ec2 create-default-vpc) or use another --region"
+                f"region {self._region} has no default VPC; pass --subnet SUBNET_ID (a subnet "
+                "whose route table reaches an internet gateway), create a default VPC "
+                "(aws ec2 create-default-vpc), or use another --region"
             )
         return vpcs[0]["VpcId"]
 
@@ -238,7 +251,7 @@ class Ec2Provider(Provider):
             found = self.ec2.describe_images(ImageIds=[image])["Images"]
             if found and found[0].get("RootDeviceName"):
                 root_device = found[0]["RootDeviceName"]
-            vpc = self._default_vpc()
+            vpc = self._vpc()
             self.ec2.import_key_pair(
                 KeyName=name,
                 PublicKeyMaterial=spec.public_key.encode("ascii"),
@@ -257,13 +270,27 @@ class Ec2Provider(Provider):
                 expires_at=spec.expires_at,
                 end_body='shutdown -h now "studioserve: ending"',
             )
+            network: dict[str, Any] = {"SecurityGroupIds": [group]}
+            if self._options.subnet is not None:
+                # a public address even where the subnet does not hand them out by default
+                network = {
+                    "NetworkInterfaces": [
+                        {
+                            "DeviceIndex": 0,
+                            "SubnetId": self._options.subnet,
+                            "Groups": [group],
+                            "AssociatePublicIpAddress": True,
+                            "DeleteOnTermination": True,
+                        }
+                    ]
+                }
             reservation = self.ec2.run_instances(
                 ImageId=image,
                 InstanceType=instance_type,  # type: ignore[arg-type]
                 MinCount=1,
                 MaxCount=1,
                 KeyName=name,
-                SecurityGroupIds=[group],
+                **network,
                 UserData=user_data,
                 InstanceInitiatedShutdownBehavior="terminate",
                 BlockDeviceMappings=[
