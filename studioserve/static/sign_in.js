@@ -6,6 +6,10 @@
 (function () {
   "use strict";
   var KEY = "studioserve-token";
+  // storage can be unavailable (privacy settings): then the token lasts for this page only
+  function store(method, value) {
+    try { return sessionStorage[method](KEY, value); } catch (e) { return null; }
+  }
 
   function fail(message) {
     var p = document.getElementById("sign-in-error");
@@ -21,14 +25,15 @@
     })
       .then(function (r) {
         if (r.status === 401) {
-          sessionStorage.removeItem(KEY);
+          store("removeItem");
           throw new Error("wrong token: the server refused it");
         }
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.text();
       })
       .then(function (html) {
-        sessionStorage.setItem(KEY, token);
+        store("setItem", token);
+        window.studioserveToken = token;  // for status.js where storage is unavailable
         document.open();
         document.write(html);
         document.close();
@@ -40,8 +45,8 @@
   if (m) {
     history.replaceState(null, "", location.pathname + location.search);
     show(decodeURIComponent(m[1]));
-  } else if (sessionStorage.getItem(KEY)) {
-    show(sessionStorage.getItem(KEY));
+  } else if (store("getItem")) {
+    show(store("getItem"));
   }
   document.getElementById("sign-in").addEventListener("submit", function (ev) {
     ev.preventDefault();

@@ -201,6 +201,7 @@
     var headers = { Accept: "application/json" };
     var token = null;
     try { token = sessionStorage.getItem("studioserve-token"); } catch (e) { token = null; }
+    token = token || window.studioserveToken || null;
     if (token) { headers.Authorization = "Bearer " + token; }
     fetch("./", { headers: headers, cache: "no-store" })
       .then(function (r) {
