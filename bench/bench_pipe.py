@@ -128,9 +128,6 @@ class Submitters:
         for _ in range(self.n):
             self._parked.acquire()
 
-    def count(self) -> int:
-        return sum(len(x) for x in self.lat)
-
     def window(self, seconds: float, ramp: float = 0.1) -> tuple[float, list[float]]:
         """Run for ``ramp + seconds``, park; -> (items/s over ``seconds``, their latencies)."""
         self._go.set()
