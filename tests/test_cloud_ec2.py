@@ -170,6 +170,19 @@ def options(aws: dict[str, Any], sshd: Sshd, tmp_path: Path, **changes: Any) -> 
     return CloudOptions(**fields)
 
 
+def api_options(aws: dict[str, Any], **changes: Any) -> CloudOptions:
+    """Options for a launch that fails at the EC2 API, before any SSH (no sshd needed)."""
+    fields: dict[str, Any] = {
+        "cloud": "ec2",
+        "image": "ssm:" + AMI_PARAMETER,
+        "endpoint_url": aws["url"],
+        "allow_cidr": "198.51.100.7/32",
+        "connect_host": "127.0.0.1",
+    }
+    fields.update(changes)
+    return CloudOptions(**fields)
+
+
 @pytest.fixture(autouse=True)
 def stop_leftover_servers(tmp_path: Path) -> Iterator[None]:
     """A failing test may leave a server it started on this machine: stop it."""
@@ -419,14 +432,7 @@ def test_an_api_error_mid_launch_removes_what_was_made(
 
     # make the fake API reject unknown instance types, as EC2 does
     monkeypatch.setattr(moto.settings, "EC2_ENABLE_INSTANCE_TYPE_VALIDATION", True)
-    opts = CloudOptions(
-        cloud="ec2",
-        instance_type="zz9.nosuch",
-        image="ssm:" + AMI_PARAMETER,
-        endpoint_url=aws["url"],
-        allow_cidr="198.51.100.7/32",
-        connect_host="127.0.0.1",
-    )
+    opts = api_options(aws, instance_type="zz9.nosuch")
     with pytest.raises(DeploymentFailed, match="EC2 launch failed") as info:
         deploy(ServeConfig(key="exp"), modeldir, opts)
     assert info.value.step == "launch"
@@ -526,14 +532,7 @@ def test_deploy_into_a_subnet_of_another_vpc(
 def test_an_unknown_subnet_is_a_clear_error_and_leaves_nothing(
     aws: dict[str, Any], modeldir: Path
 ) -> None:
-    opts = CloudOptions(
-        cloud="ec2",
-        subnet="subnet-0123456789abcdef0",
-        image="ssm:" + AMI_PARAMETER,
-        endpoint_url=aws["url"],
-        allow_cidr="198.51.100.7/32",
-        connect_host="127.0.0.1",
-    )
+    opts = api_options(aws, subnet="subnet-0123456789abcdef0")
     with pytest.raises(DeploymentFailed, match="subnet subnet-0123456789abcdef0 does not exist"):
         deploy(ServeConfig(key="exp"), modeldir, opts)
     assert leftovers(aws["ec2"]) == {}
@@ -549,13 +548,7 @@ def test_no_default_vpc_names_the_subnet_option(aws: dict[str, Any], modeldir: P
     ]:
         ec2.delete_subnet(SubnetId=sn["SubnetId"])
     ec2.delete_vpc(VpcId=default["VpcId"])
-    opts = CloudOptions(
-        cloud="ec2",
-        image="ssm:" + AMI_PARAMETER,
-        endpoint_url=aws["url"],
-        allow_cidr="198.51.100.7/32",
-        connect_host="127.0.0.1",
-    )
+    opts = api_options(aws)
     with pytest.raises(DeploymentFailed, match="no default VPC; pass --subnet"):
         deploy(ServeConfig(key="exp"), modeldir, opts)
     assert leftovers(ec2) == {}
