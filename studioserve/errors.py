@@ -8,7 +8,8 @@ The tree::
     │   ├── InvalidKey               a key outside ``[A-Za-z0-9._-]{1,128}``
     │   ├── ExperimentNotFound       no such key (names the store and the closest keys)
     │   ├── ExperimentExists         ``add`` onto an existing key without ``--force``
-    │   └── UnsafePath               an object name that would escape the cache folder
+    │   ├── UnsafePath               an object name that would escape the cache folder
+    │   └── ChecksumMismatch         a download that does not match the store's size/checksum
     ├── ModelLoadError               a checkpoint or wrapper that cannot be loaded
     ├── PipelineError                raised by ModelPipe for one item (a future's exception)
     │   ├── ItemFailed               a stage raised for this item (names the item and stage)
@@ -21,15 +22,20 @@ The tree::
     ├── RequestFailed                one request's failure, with per-key messages and a status
     ├── WireError                    a request body that cannot be decoded: HTTP 400
     │   ├── UnsafePickle             a pickle that names a forbidden global
-    │   └── UnsupportedMediaType     a Content-Type the server does not decode: HTTP 415
+    │   ├── UnsupportedMediaType     a Content-Type the server does not decode: HTTP 415
+    │   ├── NotAcceptable            the Accept'ed format cannot carry this response: HTTP 406
+    │   └── UnencodableResponse      the model returned what no wire format carries: HTTP 500
     ├── ClientError                  raised by :class:`studioserve.Client` for an error reply
     └── CloudError                   launching, deploying to or tearing down an instance
+        ├── HostKeyMismatch          the instance's SSH host key is not the one it reported
+        └── DeploymentFailed         a launch failed or was interrupted; all it made was deleted
 
 Each class carries ``http_status`` so the server maps errors to statuses in one place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -80,6 +86,10 @@ class UnsafePath(StoreError):
 
     http_status = 400
     error_type = "unsafe_path"
+
+
+class ChecksumMismatch(StoreError):
+    """A downloaded file does not match the size or checksum the store reported."""
 
 
 class ModelLoadError(StudioServeError):
@@ -208,6 +218,22 @@ class UnsupportedMediaType(WireError):
     error_type = "unsupported_media_type"
 
 
+class NotAcceptable(WireError):
+    """The format the client asked for cannot carry this response (JSON and bytes, npz and a
+    nested dict, ...): HTTP 406. The message says which format can."""
+
+    http_status = 406
+    error_type = "not_acceptable"
+
+
+class UnencodableResponse(WireError):
+    """The model returned a value no wire format may carry (an object array, a custom class):
+    HTTP 500. Fix the model or wrapper so it returns arrays, numbers, strings or containers."""
+
+    http_status = 500
+    error_type = "unencodable_response"
+
+
 class ClientError(StudioServeError):
     """An error reply from a studioserve server, raised by :class:`studioserve.Client`.
 
@@ -235,3 +261,24 @@ class CloudError(StudioServeError):
     """Launching, deploying to or tearing down a cloud instance failed."""
 
     error_type = "cloud"
+
+
+class HostKeyMismatch(CloudError):
+    """The instance's SSH host key is not the one its console reported: refuse to connect."""
+
+
+class DeploymentFailed(CloudError):
+    """A deployment failed or was interrupted; everything it created was deleted.
+
+    :param step: the step that failed (one of :data:`studioserve.cloud.STEPS`).
+    :param summary: one line per resource removed (or left behind, with the reason).
+    :param interrupted: True when Ctrl-C (KeyboardInterrupt) stopped the launch.
+    """
+
+    def __init__(
+        self, message: str, *, step: str, summary: Sequence[str], interrupted: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.summary = list(summary)
+        self.interrupted = interrupted

@@ -40,7 +40,13 @@ from typing import Any, Final
 
 import numpy as np
 
-from .errors import UnsafePickle, UnsupportedMediaType, WireError
+from .errors import (
+    NotAcceptable,
+    UnencodableResponse,
+    UnsafePickle,
+    UnsupportedMediaType,
+    WireError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,22 +85,6 @@ _MAX_NDIM: Final = 64
 # How far a memo index may exceed its byte offset before it looks like an allocation attack.
 _MEMO_SLACK: Final = 1024
 _ALLOWED_SUMMARY: Final = "only numpy arrays, dtypes, scalars and plain containers are allowed"
-
-
-class NotAcceptable(WireError):
-    """The format the client asked for cannot carry this response (JSON and bytes, npz and a
-    nested dict, ...): HTTP 406. The message says which format can."""
-
-    http_status = 406
-    error_type = "not_acceptable"
-
-
-class UnencodableResponse(WireError):
-    """The model returned a value no wire format may carry (an object array, a custom class):
-    HTTP 500. Fix the model or wrapper so it returns arrays, numbers, strings or containers."""
-
-    http_status = 500
-    error_type = "unencodable_response"
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ or google-cloud-compute (``[gcp]`` extra) and paramiko when it needs them.
 
 from __future__ import annotations
 
+from ..errors import DeploymentFailed as DeploymentFailed
+from ..errors import HostKeyMismatch as HostKeyMismatch
 from .base import CLOUDS as CLOUDS
 from .base import DEFAULT_MAX_LIFETIME as DEFAULT_MAX_LIFETIME
 from .base import STEPS as STEPS
 from .base import CloudOptions as CloudOptions
-from .base import DeploymentFailed as DeploymentFailed
 from .base import Hook as Hook
-from .base import HostKeyMismatch as HostKeyMismatch
 from .base import InstanceInfo as InstanceInfo
 from .base import Provider as Provider
 from .base import Resource as Resource

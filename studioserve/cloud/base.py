@@ -20,7 +20,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import CloudError, ConfigError
+from ..errors import ConfigError
 
 #: the values ``CloudOptions.cloud`` accepts (the CLI's ``--cloud`` choices)
 CLOUDS = ("ec2", "gcloud")
@@ -41,27 +41,6 @@ END_SCRIPT = "/usr/local/sbin/studioserve-end"
 KIND_ORDER = ("instance", "firewall", "security-group", "key-pair", "local-key")
 
 _DEPLOYMENT_ID = re.compile(r"ss-[0-9a-f]{8,16}")
-
-
-class HostKeyMismatch(CloudError):
-    """The instance's SSH host key is not the one its console reported: refuse to connect."""
-
-
-class DeploymentFailed(CloudError):
-    """A deployment failed or was interrupted; everything it created was deleted.
-
-    :param step: the step that failed (one of :data:`STEPS`).
-    :param summary: one line per resource removed (or left behind, with the reason).
-    :param interrupted: True when Ctrl-C (KeyboardInterrupt) stopped the launch.
-    """
-
-    def __init__(
-        self, message: str, *, step: str, summary: Sequence[str], interrupted: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.step = step
-        self.summary = list(summary)
-        self.interrupted = interrupted
 
 
 def is_deployment_id(value: str) -> bool:

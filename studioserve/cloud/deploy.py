@@ -55,13 +55,12 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 from ..config import DEFAULT_PORT, ServeConfig, cache_dir, config_dir
-from ..errors import CloudError, ConfigError
+from ..errors import CloudError, ConfigError, DeploymentFailed
 from ..store.base import validate_key
 from .base import (
     END_SCRIPT,
     STEPS,
     CloudOptions,
-    DeploymentFailed,
     Hook,
     InstanceInfo,
     LaunchSpec,

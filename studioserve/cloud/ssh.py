@@ -22,8 +22,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import CloudError
-from .base import HostKeyMismatch
+from ..errors import CloudError, HostKeyMismatch
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from typing import IO, Any, TypeVar
 import filelock
 
 from ..config import cache_dir
-from ..errors import ExperimentExists, StoreError, UnsafePath
+from ..errors import ChecksumMismatch, ExperimentExists, StoreError, UnsafePath
 from .base import (
     EXPERIMENT_FILE,
     KEY_PATTERN,
@@ -242,10 +242,6 @@ def retry_call(
 
 class Cancelled(Exception):
     """A download stopped because another one failed or the fetch was interrupted."""
-
-
-class ChecksumMismatch(StoreError):
-    """A downloaded file does not match the size or checksum the store reported."""
 
 
 def default_is_transient(exc: BaseException) -> bool:

@@ -33,11 +33,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage  # type: ignore[attr-defined]
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
-from ..errors import ConfigError, StoreError
+from ..errors import ChecksumMismatch, ConfigError, StoreError
 from .cache import (
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_WORKERS,
-    ChecksumMismatch,
     MissingObject,
     ObjectInfo,
     RemoteObject,

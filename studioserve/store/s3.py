@@ -29,12 +29,11 @@ import botocore.exceptions
 import botocore.session
 from boto3.s3.transfer import TransferConfig
 
-from ..errors import ConfigError, StoreError
+from ..errors import ChecksumMismatch, ConfigError, StoreError
 from .cache import (
     CHUNK_SIZE,
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_WORKERS,
-    ChecksumMismatch,
     MissingObject,
     ObjectInfo,
     RemoteObject,

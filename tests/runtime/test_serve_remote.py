@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from studioserve.client import Client
+from tests.fakes.stores import *  # noqa: F403
 from tests.helpers import start_cli, stop_cli
-from tests.store_fixtures import *  # noqa: F403
 
 
 @pytest.fixture

@@ -36,8 +36,7 @@ from studioserve.cloud.ec2 import Ec2Provider, choose_instance_type
 from studioserve.cloud.ssh import generate_keypair
 from studioserve.config import ServeConfig, config_dir
 from studioserve.errors import CloudError, ConfigError
-
-from .cloud_helpers import (
+from tests.cloud.helpers import (
     Sshd,
     assert_no_secrets,
     files_under,

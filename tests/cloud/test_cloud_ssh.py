@@ -24,8 +24,7 @@ from studioserve.cloud import CloudOptions, HostKeyMismatch, StepContext, deploy
 from studioserve.cloud.ssh import SshSession, generate_keypair, host_key_fingerprint
 from studioserve.config import ServeConfig, config_dir
 from studioserve.errors import CloudError
-
-from .cloud_helpers import (
+from tests.cloud.helpers import (
     Sshd,
     free_port,
     kill_leftover,

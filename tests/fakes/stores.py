@@ -1,14 +1,14 @@
 """Fixtures for the remote stores: moto's S3 server and a fake GCS, both on 127.0.0.1:0.
 
-Use them from a test module with ``from .store_fixtures import *  # noqa: F403`` (a star
+Use them from a test module with ``from tests.fakes.stores import *  # noqa: F403`` (a star
 import, so that ruff does not take fixture arguments for redefinitions), or from the root
-conftest with ``pytest_plugins = ["tests.store_fixtures"]``.
+conftest with ``pytest_plugins = ["tests.fakes.stores"]``.
 
 - ``moto_s3``: a :class:`MotoS3` (moto's S3 WSGI app behind a fault-injecting layer);
-  ``moto_s3.endpoint`` is its URL, ``moto_s3.plan`` its :class:`~tests.gcs_fake.FaultPlan`.
+  ``moto_s3.endpoint`` is its URL, ``moto_s3.plan`` its :class:`~tests.fakes.gcs_fake.FaultPlan`.
 - ``s3_bucket``: a fresh bucket name on it; ``s3_store``: an ``S3Store`` on
   ``s3://<bucket>/experiments`` with fast retries.
-- ``gcs_fake``: a :class:`~tests.gcs_fake.FakeGCS` with bucket ``studio-test``;
+- ``gcs_fake``: a :class:`~tests.fakes.gcs_fake.FakeGCS` with bucket ``studio-test``;
   ``gcs_store``: a ``GCSStore`` on ``gs://studio-test/experiments``.
 - ``make_modeldir``: writes ``{relative path: bytes}`` into a fresh folder.
 
@@ -29,7 +29,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from .gcs_fake import Call, FakeGCS, FaultPlan, body_with_fault
+from tests.fakes.gcs_fake import Call, FakeGCS, FaultPlan, body_with_fault
 
 __all__ = [
     "GCS_BUCKET",
@@ -54,7 +54,7 @@ GCS_BUCKET = "studio-test"
 class MotoS3:
     """moto's S3 server (``moto.server``'s WSGI app) on ``127.0.0.1`` port 0, with faults.
 
-    Every request is recorded in :attr:`plan` as a :class:`~tests.gcs_fake.Call` (ops:
+    Every request is recorded in :attr:`plan` as a :class:`~tests.fakes.gcs_fake.Call` (ops:
     ``list``, ``get``, ``head``, ``put``, ``upload``, ``delete``, ``bucket``) and may be
     failed, truncated, corrupted, held or denied by it.
     """

@@ -22,9 +22,8 @@ from studioserve.errors import (
 )
 from studioserve.store import open_store
 from studioserve.store.s3 import S3Store
-
-from .store_fixtures import *  # noqa: F403 - the fixtures
-from .store_fixtures import MotoS3, fast_retry, read_tree, released
+from tests.fakes.stores import *  # noqa: F403 - the fixtures
+from tests.fakes.stores import MotoS3, fast_retry, read_tree, released
 
 FILES = {
     "model.keras": b"K" * 50_000,
@@ -44,7 +43,7 @@ FETCH_CHILD = (
 def _child_env(moto: MotoS3) -> dict[str, str]:
     env = dict(os.environ)
     env["AWS_ENDPOINT_URL"] = moto.endpoint
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env
 
 

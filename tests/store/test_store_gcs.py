@@ -17,10 +17,9 @@ import pytest
 from studioserve.errors import ExperimentExists, ExperimentNotFound, StoreError, UnsafePath
 from studioserve.store import open_store
 from studioserve.store.gcs import GCSStore
-
-from .gcs_fake import FakeGCS
-from .store_fixtures import *  # noqa: F403 - the fixtures
-from .store_fixtures import GCS_BUCKET, fast_retry, read_tree, released
+from tests.fakes.gcs_fake import FakeGCS
+from tests.fakes.stores import *  # noqa: F403 - the fixtures
+from tests.fakes.stores import GCS_BUCKET, fast_retry, read_tree, released
 
 FILES = {
     "model.keras": b"K" * 50_000,
@@ -161,7 +160,7 @@ def test_killed_fetch_leaves_no_complete_cache(
     gcs_store.add("exp", make_modeldir(files))
     gate = gcs_fake.plan.hold("get", name="big.ckpt", after_bytes=1024 * 1024)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs_fake.endpoint)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     with released(gate):
         child = subprocess.Popen(
             [sys.executable, "-c", FETCH_CHILD, gcs_store.url, "exp"],

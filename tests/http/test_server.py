@@ -148,7 +148,7 @@ def test_identity_fallback_returns_what_was_sent(store: LocalStore) -> None:
         assert out["b"] == 1.5
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_increment_wrapper(store: LocalStore) -> None:

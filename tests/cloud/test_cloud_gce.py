@@ -1,4 +1,4 @@
-"""The GCE provider against a loopback fake of the Compute REST API (tests/gce_fake.py), via
+"""The GCE provider against a loopback fake of the Compute REST API (tests/fakes/gce_fake.py), via
 google-cloud-compute's REST transport with a custom api_endpoint and anonymous credentials,
 and a real sshd on loopback standing in for the instance."""
 
@@ -29,8 +29,7 @@ from studioserve.cloud.gce import GceProvider, choose_machine
 from studioserve.cloud.ssh import generate_keypair
 from studioserve.config import ServeConfig, config_dir
 from studioserve.errors import CloudError, ConfigError
-
-from .cloud_helpers import (
+from tests.cloud.helpers import (
     Sshd,
     assert_no_secrets,
     files_under,
@@ -42,7 +41,7 @@ from .cloud_helpers import (
     private_key_body,
     wait_for,
 )
-from .gce_fake import GceFake
+from tests.fakes.gce_fake import GceFake
 
 PROJECT = "studio-test"
 ZONE = "europe-west4-a"

@@ -1,0 +1,1 @@
+"""Fixtures for the Python client (see the root conftest)."""

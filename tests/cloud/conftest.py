@@ -1,0 +1,1 @@
+"""Fixtures for the cloud layer: moto, the GCE fake and a loopback sshd (tests/cloud/helpers.py)."""

@@ -1,0 +1,1 @@
+"""Fixtures for the config layer (see the root conftest)."""

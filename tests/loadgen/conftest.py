@@ -1,0 +1,1 @@
+"""Fixtures for the load generator (studioserve.loadgen; see the root conftest)."""
