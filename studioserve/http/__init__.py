@@ -1,0 +1,1 @@
+"""The HTTP layer: the Flask app, its state, thin route adapters and the embedded HTTP servers."""

@@ -1,0 +1,1 @@
+"""Serving without a transport: ModelService, activity counting and the one request path."""

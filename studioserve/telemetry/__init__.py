@@ -1,0 +1,1 @@
+"""Telemetry: the observer interface and its consumers (live series, Prometheus, Triton stats)."""
