@@ -18,6 +18,7 @@ venv: $(BIN)/.installed
 lint: venv
 	$(BIN)/ruff check studioserve tests bench wrappers
 	$(BIN)/ruff format --check studioserve tests bench wrappers
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

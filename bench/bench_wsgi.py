@@ -1,13 +1,13 @@
 """Compare WSGI servers on the same studioserve Flask app (the "tiny" workload), with wrk.
 
-The app is studioserve's own (``studioserve.server.create_app`` over a ModelService whose
+The app is studioserve's own (``studioserve.http.app.create_app`` over a ModelService whose
 ModelPipe runs ``y = x @ W``, W float32 16x16; see bench/wsgi_app.py), one ``(16,)`` example
 per request, so the HTTP server's cost dominates. Servers, each in its own process, one at a
 time:
 
 ==================  =====================================================================
 granian-embedded    granian's Rust HTTP, WSGI interface, embedded in-process the way
-                    ``studio serve`` runs it (``studioserve.lifecycle``), 32 blocking threads
+                    ``studio serve`` runs it (``studioserve.http.servers``), 32 blocking threads
 granian-cli         ``granian --interface wsgi --factory wsgi_app:create`` (1 worker,
                     32 blocking threads)
 waitress            waitress, 32 threads, as ``studio serve --http-server waitress`` runs it

@@ -7,7 +7,7 @@ same app in this process with one of the embedded servers::
 
     python bench/wsgi_app.py --server granian|waitress|werkzeug [--port 0] [--threads 32]
 
-``granian`` and ``waitress`` are studioserve's own embeddings (``studioserve.lifecycle``, as
+``granian`` and ``waitress`` are studioserve's own embeddings (``studioserve.http.servers``, as
 ``studio serve --http-server ...`` runs them); ``werkzeug`` is Flask's threaded development
 server. It prints ``listening on http://127.0.0.1:PORT`` and exits 0 on SIGTERM.
 """
@@ -28,15 +28,21 @@ from tiny_wrapper import build_pipe, make_weights  # noqa: E402
 
 def create() -> Any:
     """A ready studioserve Flask app serving ``y = x @ W`` (W from tiny_wrapper)."""
-    from studioserve.loader import LoadedModel
-    from studioserve.server import create_app
-    from studioserve.service import ModelService
+    from studioserve.http.app import create_app
+    from studioserve.models import PipeModel
+    from studioserve.serving.service import ModelService
 
     pipe = build_pipe(make_weights())
-    service = ModelService(LoadedModel(kind="pipe", source="bench/wsgi_app.py", pipe=pipe))
+    service = ModelService(PipeModel(pipe, source="bench/wsgi_app.py"))
     app = create_app(service)
     service.ready = True
     return app
+
+
+def state_of(app: Any) -> Any:
+    from studioserve.http.state import state_of as _state_of
+
+    return _state_of(app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             server.server_close()
             thread.join(10)
     else:
-        from studioserve.lifecycle import make_http_server
+        from studioserve.http.servers import make_http_server
 
         http = make_http_server(app, args.host, args.port, args.threads, args.server)
         http.start()
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"listening on http://{args.host}:{port}", flush=True)
     stop.wait()
     close()
-    app.extensions["studioserve"].service.close()
+    state_of(app).service.close()
     return 0
 
 

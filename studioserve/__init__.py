@@ -1,18 +1,20 @@
 """studioserve: a trained experiment behind a batched, safe HTTP endpoint in one command.
 
-Public API::
+Public API (``__all__``; tests/test_public_api.py holds it to this list)::
 
-    from studioserve import ModelPipe, Client, ServeConfig, serve
+    from studioserve import Client, ModelPipe, ServeConfig, StudioServeError, serve, __version__
+
+Below these: :mod:`studioserve.pipelines`, :mod:`studioserve.models`, :mod:`studioserve.store`,
+:mod:`studioserve.wire` and :mod:`studioserve.errors`; the layers are drawn in ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__ as __version__
 from .config import ServeConfig as ServeConfig
 from .errors import StudioServeError as StudioServeError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Client",
@@ -25,8 +27,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .client import Client as Client
-    from .lifecycle import serve as serve
     from .pipelines import ModelPipe as ModelPipe
+    from .runtime import serve as serve
 
 
 def __getattr__(name: str) -> Any:
@@ -40,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
         return Client
     if name == "serve":
-        from .lifecycle import serve
+        from .runtime import serve
 
         return serve
     raise AttributeError(f"module 'studioserve' has no attribute {name!r}")

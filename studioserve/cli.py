@@ -6,28 +6,25 @@ answers at once.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import (
-    DEFAULT_HOST,
-    DEFAULT_KILLAFTER,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_BODY,
-    DEFAULT_PORT,
-    ServeConfig,
-    resolve_store_url,
-)
+from .config import ServeConfig, resolve_store_url
 from .errors import StudioServeError
 
 if TYPE_CHECKING:
-    from .lifecycle import ModelServer
+    from .cloud import CloudOptions
+    from .runtime import ModelServer
     from .store import Store
 
 logger = logging.getLogger("studioserve")
@@ -47,17 +44,53 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
 
 
-def _fail(e: StudioServeError) -> NoReturn:
-    raise click.ClickException(str(e)) from e
+# -- the one error exit ------------------------------------------------------------------------
+
+
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    """A :class:`StudioServeError` becomes click's one-line ``Error: ...`` on stderr, exit 1."""
+    try:
+        yield
+    except StudioServeError as e:
+        raise click.ClickException(str(e)) from e
+
+
+class StudioCommand(click.Command):
+    """A command whose library errors end the program with one line (see _library_errors)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _library_errors():
+            return super().invoke(ctx)
+
+
+class StudioGroup(click.Group):
+    """A group like StudioCommand whose subcommands and subgroups are StudioCommand/Group."""
+
+    command_class = StudioCommand
+    group_class = type  # subgroups are StudioGroups too
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _library_errors():
+            return super().invoke(ctx)
+
+
+_SERVE_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(ServeConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
+def _default(name: str) -> Any:
+    """ServeConfig's default for field ``name``: the one source of the serving options' defaults."""
+    return _SERVE_DEFAULTS[name]
 
 
 def _store(url: str | None) -> Store:
     from .store import open_store
 
-    try:
-        return open_store(resolve_store_url(url))
-    except StudioServeError as e:
-        _fail(e)
+    return open_store(resolve_store_url(url))
 
 
 store_option = click.option(
@@ -69,7 +102,7 @@ store_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=StudioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="studioserve", prog_name="studio")
 def main() -> None:
     """studioserve: serve a trained experiment over HTTP with one command."""
@@ -113,6 +146,114 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
     return token or os.environ.get("STUDIO_TOKEN") or None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CloudArgs:
+    """``studio serve``'s --cloud and the options that only mean something with it.
+
+    Each field is the option of the same name (``instance_type``: ``--instance-type``); None
+    means not given, so :class:`~studioserve.cloud.CloudOptions` keeps its own default.
+    """
+
+    cloud: str | None = None
+    gpus: int | None = None
+    instance_type: str | None = None
+    machine_type: str | None = None
+    accelerator: str | None = None
+    region: str | None = None
+    subnet: str | None = None
+    zone: str | None = None
+    project: str | None = None
+    image: str | None = None
+    allow_cidr: str | None = None
+    max_lifetime: float | None = None
+    ssh_user: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            "--" + name.replace("_", "-")
+            for name, value in self._cloud_only().items()
+            if value is not None
+        ]
+        if self.cloud is None and given:
+            raise click.UsageError(f"{', '.join(given)} need(s) --cloud ec2|gcloud")
+
+    def _cloud_only(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        del values["cloud"]
+        return values
+
+    def options(self) -> CloudOptions:
+        """The library's CloudOptions (which checks them, e.g. --subnet only with ec2)."""
+        from .cloud import CloudOptions
+
+        assert self.cloud is not None
+        given = {name: value for name, value in self._cloud_only().items() if value is not None}
+        return CloudOptions(cloud=self.cloud, **{"gpus": 1, **given})
+
+
+_CLOUD_OPTIONS = (
+    click.option(
+        "--cloud",
+        type=click.Choice(["ec2", "gcloud"]),
+        default=None,
+        help="Serve on a cloud instance that ends itself.",
+    ),
+    click.option(
+        "--gpus",
+        type=click.IntRange(min=0),
+        default=None,
+        help="GPUs for --cloud (0: a CPU instance; default 1).",
+    ),
+    click.option("--instance-type", default=None, help="EC2 instance type (overrides --gpus)."),
+    click.option("--machine-type", default=None, help="GCE machine type (overrides --gpus)."),
+    click.option(
+        "--accelerator",
+        default=None,
+        help="GPU model: a GCE accelerator type, or an EC2 family hint "
+        "(l4, a10g, l40s, a100, h100).",
+    ),
+    click.option("--region", default=None, help="EC2 region."),
+    click.option(
+        "--subnet",
+        default=None,
+        help="EC2 subnet id to launch in (default: the region's default VPC).",
+    ),
+    click.option("--zone", default=None, help="GCE zone."),
+    click.option("--project", default=None, help="GCE project."),
+    click.option(
+        "--image",
+        default=None,
+        help="Machine image (AMI id, ssm:/PARAM, or a GCE image/family URL) instead of the lookup.",
+    ),
+    click.option(
+        "--allow-cidr",
+        default=None,
+        help="Who may reach the port and SSH (default: your own public address as a /32).",
+    ),
+    click.option(
+        "--max-lifetime",
+        type=click.FloatRange(min=60),
+        default=None,
+        help="Seconds after which the instance ends whatever happens (default 86400).",
+    ),
+    click.option("--ssh-user", default=None, help="Login user on the instance."),
+)
+_CLOUD_FIELDS = tuple(f.name for f in dataclasses.fields(CloudArgs))
+
+
+def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --cloud and the cloud-only options; ``f`` gets them as one ``cloud: CloudArgs``."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        cloud = CloudArgs(**{name: kwargs.pop(name) for name in _CLOUD_FIELDS})
+        return f(*args, cloud=cloud, **kwargs)
+
+    for option in reversed(_CLOUD_OPTIONS):  # click lists options top-down as decorated
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command()
 @click.argument("key")
 @click.option(
@@ -124,20 +265,20 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=DEFAULT_PORT,
+    default=_default("port"),
     show_default=True,
     help="TCP port (0: any free port).",
 )
 @click.option(
     "--host",
-    default=DEFAULT_HOST,
+    default=_default("host"),
     show_default=True,
     help="Address to bind; non-loopback turns on token auth.",
 )
 @click.option(
     "--killafter",
     type=click.FloatRange(min=0),
-    default=DEFAULT_KILLAFTER,
+    default=_default("killafter"),
     show_default=True,
     help="Seconds without an inference request before shutdown (0: never).",
 )
@@ -145,21 +286,21 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
 @click.option(
     "--max-batch-size",
     type=click.IntRange(min=1),
-    default=DEFAULT_MAX_BATCH_SIZE,
+    default=_default("max_batch_size"),
     show_default=True,
     help="Most items per model call.",
 )
 @click.option(
     "--max-delay-ms",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=_default("max_delay_ms"),
     show_default=True,
     help="How long a batch waits for more items after its first (0: never wait).",
 )
 @click.option(
     "--max-body",
     type=click.IntRange(min=1),
-    default=DEFAULT_MAX_BODY,
+    default=_default("max_body"),
     show_default=True,
     help="Largest request body in bytes (larger: 413).",
 )
@@ -178,21 +319,21 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
 @click.option(
     "--threads",
     type=click.IntRange(min=1),
-    default=32,
+    default=_default("threads"),
     show_default=True,
     help="HTTP worker threads.",
 )
 @click.option(
     "--request-timeout",
     type=click.FloatRange(min=0.001),
-    default=60.0,
+    default=_default("request_timeout"),
     show_default=True,
     help="Seconds a request may wait for its result (then 504).",
 )
 @click.option(
     "--http-server",
     type=click.Choice(["granian", "waitress"]),
-    default="granian",
+    default=_default("http_server"),
     show_default=True,
     help="The WSGI server.",
 )
@@ -201,169 +342,41 @@ def _read_token(token: str | None, token_file: Path | None) -> str | None:
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging (one line per request).")
-@click.option(
-    "--cloud",
-    type=click.Choice(["ec2", "gcloud"]),
-    default=None,
-    help="Serve on a cloud instance that ends itself.",
-)
-@click.option(
-    "--gpus",
-    type=click.IntRange(min=0),
-    default=None,
-    help="GPUs for --cloud (0: a CPU instance; default 1).",
-)
-@click.option("--instance-type", default=None, help="EC2 instance type (overrides --gpus).")
-@click.option("--machine-type", default=None, help="GCE machine type (overrides --gpus).")
-@click.option(
-    "--accelerator",
-    default=None,
-    help="GPU model: a GCE accelerator type, or an EC2 family hint (l4, a10g, l40s, a100, h100).",
-)
-@click.option("--region", default=None, help="EC2 region.")
-@click.option(
-    "--subnet",
-    default=None,
-    help="EC2 subnet id to launch in (default: the region's default VPC).",
-)
-@click.option("--zone", default=None, help="GCE zone.")
-@click.option("--project", default=None, help="GCE project.")
-@click.option(
-    "--image",
-    default=None,
-    help="Machine image (AMI id, ssm:/PARAM, or a GCE image/family URL) instead of the lookup.",
-)
-@click.option(
-    "--allow-cidr",
-    default=None,
-    help="Who may reach the port and SSH (default: your own public address as a /32).",
-)
-@click.option(
-    "--max-lifetime",
-    type=click.FloatRange(min=60),
-    default=None,
-    help="Seconds after which the instance ends whatever happens (default 86400).",
-)
-@click.option("--ssh-user", default=None, help="Login user on the instance.")
+@cloud_options
 def serve(
-    key: str,
-    wrapper: str | None,
-    port: int,
-    host: str,
-    killafter: float,
-    store: str | None,
-    max_batch_size: int,
-    max_delay_ms: float,
-    max_body: int,
-    token: str | None,
-    token_file: Path | None,
-    no_auth: bool,
-    threads: int,
-    request_timeout: float,
-    http_server: str,
-    refresh: bool,
-    quiet: bool,
-    verbose: bool,
-    cloud: str | None,
-    gpus: int | None,
-    instance_type: str | None,
-    machine_type: str | None,
-    accelerator: str | None,
-    region: str | None,
-    subnet: str | None,
-    zone: str | None,
-    project: str | None,
-    image: str | None,
-    allow_cidr: str | None,
-    max_lifetime: float | None,
-    ssh_user: str | None,
+    key: str, token: str | None, token_file: Path | None, cloud: CloudArgs, **settings: Any
 ) -> None:
     """Serve experiment KEY's latest checkpoint (or --wrapper's model) over HTTP.
 
     With --cloud ec2|gcloud it runs on a new cloud instance that deletes itself after
     --killafter seconds without inference requests (and at --max-lifetime at the latest).
     """
-    configure_logging(verbose)
-    cloud_only = {
-        "--gpus": gpus,
-        "--instance-type": instance_type,
-        "--machine-type": machine_type,
-        "--accelerator": accelerator,
-        "--region": region,
-        "--subnet": subnet,
-        "--zone": zone,
-        "--project": project,
-        "--image": image,
-        "--allow-cidr": allow_cidr,
-        "--max-lifetime": max_lifetime,
-        "--ssh-user": ssh_user,
-    }
-    if cloud is None:
-        given = [name for name, value in cloud_only.items() if value is not None]
-        if given:
-            raise click.UsageError(f"{', '.join(given)} need(s) --cloud ec2|gcloud")
-    from .lifecycle import serve as run_server
-    from .store.base import validate_key
+    # every option but --token-file and the cloud ones is named after its ServeConfig field
+    configure_logging(settings["verbose"])
+    from .runtime import serve as run_server
+    from .store import validate_key
 
-    try:
-        validate_key(key)
-        config = ServeConfig(
-            key=key,
-            store=store,
-            wrapper=wrapper,
-            host=host,
-            port=port,
-            killafter=killafter,
-            max_batch_size=max_batch_size,
-            max_delay_ms=max_delay_ms,
-            max_body=max_body,
-            token=_read_token(token, token_file),
-            no_auth=no_auth,
-            threads=threads,
-            request_timeout=request_timeout,
-            refresh=refresh,
-            quiet=quiet,
-            verbose=verbose,
-        )
-        if cloud is not None:
-            _serve_on_cloud(
-                config,
-                cloud=cloud,
-                gpus=1 if gpus is None else gpus,
-                instance_type=instance_type,
-                machine_type=machine_type,
-                accelerator=accelerator,
-                region=region,
-                subnet=subnet,
-                zone=zone,
-                project=project,
-                image=image,
-                allow_cidr=allow_cidr,
-                max_lifetime=max_lifetime,
-                ssh_user=ssh_user,
-            )
-            return
-        code = run_server(
-            config,
-            on_ready=lambda server: _print_ready(server, token_shown=token_file is None),
-            http_server=http_server,
-        )
-    except StudioServeError as e:
-        _fail(e)
+    validate_key(key)
+    config = ServeConfig(key=key, token=_read_token(token, token_file), **settings)
+    if cloud.cloud is not None:
+        _serve_on_cloud(config, cloud.options())
+        return
+    code = run_server(
+        config,
+        on_ready=lambda server: _print_ready(server, token_shown=token_file is None),
+        http_server=config.http_server,
+    )
     sys.exit(code)
 
 
-def _serve_on_cloud(config: ServeConfig, *, cloud: str, **options: Any) -> None:
-    from .cloud import CloudOptions, deploy
-    from .store import open_store
+def _serve_on_cloud(config: ServeConfig, options: CloudOptions) -> None:
+    """Fetch the modeldir here (options are checked already), deploy it, say where it is."""
+    from .cloud import deploy
 
-    if options["max_lifetime"] is None:
-        del options["max_lifetime"]
-    cloud_options = CloudOptions(cloud=cloud, **options)  # checked before any download
-    with open_store(resolve_store_url(config.store)) as store:
+    with _store(config.store) as store:
         modeldir = store.fetch(config.key, refresh=config.refresh, quiet=config.quiet)
-    click.echo(f"Launching {config.key!r} on {cloud} ({options['gpus']} GPU(s))...", err=True)
-    dep = deploy(config, modeldir, cloud_options)
+    click.echo(f"Launching {config.key!r} on {options.cloud} ({options.gpus} GPU(s))...", err=True)
+    dep = deploy(config, modeldir, options)
     click.echo(f"Serving experiment {config.key!r} at {dep.url}")
     click.echo(f"  instance: {dep.instance_id} ({dep.instance_type}) in {dep.zone or dep.region}")
     click.echo(f"  token: {dep.token}  (send 'Authorization: Bearer <token>')")
@@ -389,10 +402,7 @@ def instances_list(cloud: str | None, as_json: bool) -> None:
     configure_logging(False)
     from .cloud import list_instances
 
-    try:
-        records = list_instances(cloud)
-    except StudioServeError as e:
-        _fail(e)
+    records = list_instances(cloud)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in records], indent=2, default=str))
         return
@@ -418,11 +428,8 @@ def instances_stop(ids: tuple[str, ...], stop_all: bool) -> None:
         raise click.UsageError("name instance ids (see 'studio instances list') or pass --all")
     from .cloud import stop_instances
 
-    try:
-        for line in stop_instances(list(ids) or None, all=stop_all):
-            click.echo(line)
-    except StudioServeError as e:
-        _fail(e)
+    for line in stop_instances(list(ids) or None, all=stop_all):
+        click.echo(line)
 
 
 # -- experiments -------------------------------------------------------------------------------
@@ -452,19 +459,10 @@ def experiments_add(
 ) -> None:
     """Copy DIRECTORY into the store as experiment KEY's modeldir."""
     configure_logging(False)
-    s = _store(store)
-    try:
-        with s:
-            s.add(
-                key,
-                directory,
-                description=description,
-                framework=framework,
-                force=force,
-                quiet=quiet,
-            )
-    except StudioServeError as e:
-        _fail(e)
+    with _store(store) as s:
+        s.add(
+            key, directory, description=description, framework=framework, force=force, quiet=quiet
+        )
     click.echo(f"added {key} to {s.url}")
 
 
@@ -473,12 +471,8 @@ def experiments_add(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def experiments_list(store: str | None, as_json: bool) -> None:
     """List the experiments in the store."""
-    s = _store(store)
-    try:
-        with s:
-            infos = s.list()
-    except StudioServeError as e:
-        _fail(e)
+    with _store(store) as s:
+        infos = s.list()
     if as_json:
         click.echo(json.dumps([i.to_json() for i in infos], indent=2))
         return
@@ -495,13 +489,9 @@ def experiments_list(store: str | None, as_json: bool) -> None:
 @store_option
 def experiments_show(key: str, store: str | None) -> None:
     """Show experiment KEY's metadata and files."""
-    s = _store(store)
-    try:
-        with s:
-            info = s.info(key)
-            files = s.files(key)
-    except StudioServeError as e:
-        _fail(e)
+    with _store(store) as s:
+        info = s.info(key)
+        files = s.files(key)
     out: dict[str, Any] = info.to_json()
     out["store"] = s.url
     out["files"] = [{"path": p, "size": n} for p, n in files]
@@ -513,12 +503,8 @@ def experiments_show(key: str, store: str | None) -> None:
 @store_option
 def experiments_rm(key: str, store: str | None) -> None:
     """Remove experiment KEY from the store."""
-    s = _store(store)
-    try:
-        with s:
-            s.remove(key)
-    except StudioServeError as e:
-        _fail(e)
+    with _store(store) as s:
+        s.remove(key)
     click.echo(f"removed {key} from {s.url}")
 
 
@@ -528,9 +514,9 @@ def experiments_rm(key: str, store: str | None) -> None:
 @main.command()
 @click.option("--key", default="demo-mlp", show_default=True, help="Experiment key for the demo.")
 @store_option
-@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=_default("port"), show_default=True)
 @click.option(
-    "--killafter", type=click.FloatRange(min=0), default=DEFAULT_KILLAFTER, show_default=True
+    "--killafter", type=click.FloatRange(min=0), default=_default("killafter"), show_default=True
 )
 @click.option("--no-serve", is_flag=True, help="Only add the demo experiment; do not serve it.")
 @click.option("--verbose", "-v", is_flag=True)
@@ -540,23 +526,20 @@ def demo(
     """Build a small Keras model, add it to the store, and serve it."""
     configure_logging(verbose)
     from .demo import add_demo_experiment, client_snippet
-    from .lifecycle import serve as run_server
+    from .runtime import serve as run_server
 
-    try:
-        info = add_demo_experiment(key, store)
-        click.echo(f"added demo experiment {info.key!r} to {resolve_store_url(store)}")
-        if no_serve:
-            return
-        config = ServeConfig(key=key, store=store, port=port, killafter=killafter)
+    info = add_demo_experiment(key, store)
+    click.echo(f"added demo experiment {info.key!r} to {resolve_store_url(store)}")
+    if no_serve:
+        return
+    config = ServeConfig(key=key, store=store, port=port, killafter=killafter)
 
-        def ready(server: ModelServer) -> None:
-            _print_ready(server)
-            click.echo("")
-            click.echo(client_snippet(server.url))
+    def ready(server: ModelServer) -> None:
+        _print_ready(server)
+        click.echo("")
+        click.echo(client_snippet(server.url))
 
-        code = run_server(config, on_ready=ready)
-    except StudioServeError as e:
-        _fail(e)
+    code = run_server(config, on_ready=ready)
     sys.exit(code)
 
 
@@ -567,7 +550,7 @@ def _levels(kind: type[int] | type[float]) -> Any:
     def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
         if value is None:
             return None
-        from .bench import parse_levels
+        from .loadgen import parse_levels
 
         try:
             return parse_levels(value, kind)
@@ -699,34 +682,31 @@ def bench(
 ) -> None:
     """Measure throughput and latency of the server at URL, per load level."""
     configure_logging(verbose)
-    from .bench import BenchConfig, is_tty, run_bench
+    from .loadgen import BenchConfig, is_tty, run_bench
 
-    try:
-        config = BenchConfig(
-            url=url,
-            concurrency=concurrency,
-            request_rates=request_rate or (),
-            duration=duration,
-            requests=requests,
-            protocol=protocol,
-            body_file=body_file,
-            content_type=content_type,
-            headers=header,
-            batch=batch,
-            binary=not json_tensors,
-            model=model,
-            token=token or os.environ.get("STUDIO_TOKEN") or None,
-            warmup=warmup,
-            processes=processes,
-            timeout=timeout,
-        )
-        result = run_bench(config, progress=sys.stderr if is_tty(sys.stderr) else None)
-        click.echo(result.table())
-        if csv_path is not None:
-            result.write_csv(csv_path)
-            click.echo(f"wrote {csv_path}")
-        if plot_path is not None:
-            result.plot(plot_path)
-            click.echo(f"wrote {plot_path}")
-    except StudioServeError as e:
-        _fail(e)
+    config = BenchConfig(
+        url=url,
+        concurrency=concurrency,
+        request_rates=request_rate or (),
+        duration=duration,
+        requests=requests,
+        protocol=protocol,
+        body_file=body_file,
+        content_type=content_type,
+        headers=header,
+        batch=batch,
+        binary=not json_tensors,
+        model=model,
+        token=token or os.environ.get("STUDIO_TOKEN") or None,
+        warmup=warmup,
+        processes=processes,
+        timeout=timeout,
+    )
+    result = run_bench(config, progress=sys.stderr if is_tty(sys.stderr) else None)
+    click.echo(result.table())
+    if csv_path is not None:
+        result.write_csv(csv_path)
+        click.echo(f"wrote {csv_path}")
+    if plot_path is not None:
+        result.plot(plot_path)
+        click.echo(f"wrote {plot_path}")

@@ -28,7 +28,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, wire
+from . import wire
+from ._version import __version__
 from .errors import ClientError, WireError
 
 logger = logging.getLogger(__name__)

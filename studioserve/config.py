@@ -23,6 +23,7 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_BATCH_SIZE = 128
 DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_HTTP_SERVER = "granian"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
 
 
@@ -99,6 +100,8 @@ class ServeConfig:
     :param threads: HTTP worker threads.
     :param queue_size: the pipe's input queue bound (beyond it: 503).
     :param request_timeout: seconds a request may wait for its result (then 504).
+    :param http_server: the WSGI server, ``"granian"`` or ``"waitress"`` (``studio serve
+        --http-server``; :func:`studioserve.serve` takes it as its ``http_server`` argument).
     :param refresh: ignore the local cache of a remote store.
     :param quiet: no progress bars.
     :param verbose: debug logging.
@@ -118,6 +121,7 @@ class ServeConfig:
     threads: int = 32
     queue_size: int = DEFAULT_QUEUE_SIZE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    http_server: str = DEFAULT_HTTP_SERVER
     refresh: bool = False
     quiet: bool = False
     verbose: bool = False

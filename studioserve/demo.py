@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .config import resolve_store_url
-from .loader import quiet_tensorflow
+from .models.keras import build_mlp
 from .store import ExperimentInfo, open_store
 
 logger = logging.getLogger(__name__)
@@ -18,14 +18,15 @@ DEMO_CLASSES = 3
 
 def build_demo_model(seed: int = 7) -> object:
     """A small Keras MLP: 4 float32 features -> 16 relu -> 3-class softmax."""
-    quiet_tensorflow()
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=(DEMO_INPUTS,), dtype="float32", name="features")
-    hidden = keras.layers.Dense(16, activation="relu")(inputs)
-    outputs = keras.layers.Dense(DEMO_CLASSES, activation="softmax", name="probs")(hidden)
-    return keras.Model(inputs, outputs, name="demo_mlp")
+    return build_mlp(
+        DEMO_INPUTS,
+        16,
+        DEMO_CLASSES,
+        seed=seed,
+        input_name="features",
+        output_name="probs",
+        name="demo_mlp",
+    )
 
 
 def add_demo_experiment(key: str = "demo-mlp", store: str | None = None) -> ExperimentInfo:

@@ -11,6 +11,8 @@ The tree::
     │   ├── UnsafePath               an object name that would escape the cache folder
     │   └── ChecksumMismatch         a download that does not match the store's size/checksum
     ├── ModelLoadError               a checkpoint or wrapper that cannot be loaded
+    ├── ModelNotFound                a request for a model or version not served: HTTP 404
+    ├── NotReady                     the model is not loaded and warm yet: HTTP 503
     ├── PipelineError                raised by ModelPipe for one item (a future's exception)
     │   ├── ItemFailed               a stage raised for this item (names the item and stage)
     │   │   └── InvalidInput         the item does not fit the model (shape, dtype): HTTP 422
@@ -21,6 +23,7 @@ The tree::
     │   └── PipeClosed               ``submit`` after ``close()``
     ├── RequestFailed                one request's failure, with per-key messages and a status
     ├── WireError                    a request body that cannot be decoded: HTTP 400
+    │   ├── TooLarge                 a body over --max-body (raw or decompressed): HTTP 413
     │   ├── UnsafePickle             a pickle that names a forbidden global
     │   ├── UnsupportedMediaType     a Content-Type the server does not decode: HTTP 415
     │   ├── NotAcceptable            the Accept'ed format cannot carry this response: HTTP 406
@@ -96,6 +99,25 @@ class ModelLoadError(StudioServeError):
     """A checkpoint or wrapper that cannot be loaded; the message names the file."""
 
     error_type = "model_load"
+
+
+class ModelNotFound(StudioServeError):
+    """A request names a model or version this server does not serve; the message lists
+    what it does serve."""
+
+    http_status = 404
+    error_type = "not_found"
+
+
+class NotReady(StudioServeError):
+    """The model is not loaded and warm yet (or the server is draining); retry shortly."""
+
+    http_status = 503
+    error_type = "not_ready"
+    retry_after = 1.0
+
+    def __init__(self, message: str = "the model is not loaded yet") -> None:
+        super().__init__(message)
 
 
 class PipelineError(StudioServeError):
@@ -203,6 +225,27 @@ class WireError(StudioServeError):
 
     http_status = 400
     error_type = "bad_request"
+
+
+class TooLarge(WireError):
+    """A request body larger than the server's limit (``--max-body``).
+
+    :param limit: the limit in bytes.
+    :param length: the body's size, when known (its Content-Length).
+    :param what: what was too large ("request body", "decompressed request", ...).
+    """
+
+    http_status = 413
+    error_type = "too_large"
+
+    def __init__(self, limit: int, length: int | None = None, what: str = "request body") -> None:
+        size = f" of {length} bytes" if length is not None else ""
+        super().__init__(
+            f"{what}{size} is larger than the limit of {limit} bytes; send fewer examples per "
+            "request or start the server with a larger --max-body"
+        )
+        self.limit = limit
+        self.length = length
 
 
 class UnsafePickle(WireError):

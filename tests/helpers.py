@@ -18,16 +18,16 @@ from urllib.parse import urlparse
 import numpy as np
 
 from studioserve.config import ServeConfig
-from studioserve.lifecycle import ModelServer
-from studioserve.loader import LoadedModel
+from studioserve.models import Model
 from studioserve.pipelines import ModelPipe
+from studioserve.runtime import ModelServer
 
 
 @contextmanager
 def running_server(
     key: str = "exp",
     *,
-    model: LoadedModel | None = None,
+    model: Model | None = None,
     http_server: str = "granian",
     **config: Any,
 ) -> Iterator[ModelServer]:

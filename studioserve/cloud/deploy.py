@@ -54,9 +54,10 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
+from .._version import __version__
 from ..config import DEFAULT_PORT, ServeConfig, cache_dir, config_dir
 from ..errors import CloudError, ConfigError, DeploymentFailed
-from ..store.base import validate_key
+from ..store import validate_key
 from .base import (
     END_SCRIPT,
     STEPS,
@@ -371,15 +372,13 @@ def build_wheel(dest_dir: Path | None = None) -> Path:
     network. The version gets a local label with a content hash (``0.1.0+g1a2b3c4d5e``) so
     the instance runs exactly these files.
     """
-    import studioserve
-
-    pkg_dir = Path(studioserve.__file__).resolve().parent
+    pkg_dir = Path(__file__).resolve().parents[1]
     files = _package_files(pkg_dir)
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(pkg_dir).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
-    base_version = studioserve.__version__.split("+", 1)[0]
+    base_version = __version__.split("+", 1)[0]
     version = f"{base_version}+g{digest.hexdigest()[:12]}"
     dest = dest_dir or cache_dir() / "wheels"
     wheel = dest / f"studioserve-{version}-py3-none-any.whl"

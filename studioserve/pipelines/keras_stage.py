@@ -1,9 +1,9 @@
 """Keras models as pipe stages: recognising them, checking inputs, and calling them fast.
 
-Besides :mod:`studioserve.loader`, this is the only module that touches Keras or TensorFlow,
-and it imports neither at module level: :func:`is_keras_model` looks only at modules that are
-already imported (a Keras model cannot exist unless Keras is), so a pipe of plain functions
-never pays for ``import keras``.
+With :mod:`studioserve.models.keras` and :mod:`studioserve.models.savedmodel`, this is the only
+module that touches Keras or TensorFlow, and it imports neither at module level:
+:func:`is_keras_model` looks only at modules that are already imported (a Keras model cannot
+exist unless Keras is), so a pipe of plain functions never pays for ``import keras``.
 
 How a model is called (measured by ``bench/bench_pipe.py``): ``model.predict()`` costs tens of
 milliseconds per call in a server and is never used. On the TensorFlow backend the fastest
@@ -24,36 +24,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
+from ..tensors import TensorSpec, converts_safely, dtype_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "KerasRunner", "converts_safely", "is_keras_model"]
+__all__ = ["METHODS", "KerasRunner", "converts_safely", "is_keras_model", "keras_signature"]
 
 #: the ways :class:`KerasRunner` can call a model ("auto" picks the fastest available)
 METHODS = ("auto", "concrete", "tf_function", "predict_on_batch", "call")
-
-# Dtype kinds a model input of a given kind accepts, converted with a plain ``astype``: ints
-# and unsigned ints become floats, float64 becomes float32; never bools, complex numbers,
-# strings or objects into a numeric input.
-_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "u", "b": "b", "c": "fiuc"}
-
-
-def converts_safely(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
-    """Whether values of dtype ``got`` may be cast to a model input of dtype ``want``.
-
-    The one rule for every model input (the server's request validation uses it too): ints
-    and unsigned ints into floats, float64 into float32, signed into wider or narrower signed
-    ints, unsigned into any int, any number into complex; never a bool into a number or a
-    number into a bool, never a signed int into an unsigned one, never a float into an int.
-
-    >>> converts_safely(np.dtype("int64"), np.dtype("float32"))
-    True
-    >>> converts_safely(np.dtype("float32"), np.dtype("int32"))
-    False
-    """
-    if got == want:
-        return True
-    return got.kind in _ACCEPTED_KINDS.get(want.kind, want.kind)
 
 
 def is_keras_model(obj: object) -> bool:
@@ -71,26 +49,10 @@ def is_keras_model(obj: object) -> bool:
     return False
 
 
-class _InputSpec:
-    __slots__ = ("dtype", "name", "shape")
-
-    def __init__(self, name: str, shape: tuple[int | None, ...], dtype: np.dtype[Any] | None):
-        self.name = name
-        self.shape = shape  # without the batch axis
-        self.dtype = dtype
-
-    def describe(self) -> str:
-        dims = ", ".join("n" if d is None else str(d) for d in (None, *self.shape))
-        dt = self.dtype.name if self.dtype is not None else "any dtype"
-        return f"shape ({dims}{',' if not self.shape else ''}) of {dt}"
-
-
-def _np_dtype(dtype: Any) -> np.dtype[Any] | None:
-    try:
-        dt: np.dtype[Any] = np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
-    except TypeError:
-        return None
-    return dt
+def _describe(spec: TensorSpec) -> str:
+    dims = ", ".join("n" if d is None else str(d) for d in (None, *spec.shape))
+    dt = spec.dtype or "any dtype"
+    return f"shape ({dims}{',' if not spec.shape else ''}) of {dt}"
 
 
 class KerasRunner:
@@ -117,18 +79,8 @@ class KerasRunner:
 
         self.model = model
         self.name: str = str(getattr(model, "name", None) or "model")
-        self.specs: list[_InputSpec] | None = None
-        try:
-            inputs = list(model.inputs)
-        except (AttributeError, ValueError, TypeError):
-            inputs = []
-        if inputs:
-            specs = []
-            for i, t in enumerate(inputs):
-                shape = tuple(None if d is None else int(d) for d in t.shape)
-                name = str(getattr(t, "name", None) or f"input_{i}")
-                specs.append(_InputSpec(name, shape[1:], _np_dtype(t.dtype)))
-            self.specs = specs
+        inputs, _ = keras_signature(model)
+        self.specs: list[TensorSpec] | None = inputs or None
         backend = keras.backend.backend()
         if method == "auto":
             method = "concrete" if backend == "tensorflow" and self.specs else "predict_on_batch"
@@ -197,7 +149,9 @@ class KerasRunner:
         """An input of ``rows`` rows of zeros (unknown dimensions set to 1)."""
         specs = self.specs or []
         arrays = tuple(
-            np.zeros((rows, *(1 if d is None else d for d in s.shape)), dtype=s.dtype or "float32")
+            np.zeros(
+                (rows, *(1 if d is None else d for d in s.shape)), dtype=s.numpy_dtype or "float32"
+            )
             for s in specs
         )
         return arrays[0] if len(arrays) == 1 else arrays
@@ -228,7 +182,9 @@ class KerasRunner:
         import tensorflow as tf
 
         signature = [
-            tf.TensorSpec((None, *s.shape), dtype=tf.as_dtype(s.dtype or "float32"), name=None)
+            tf.TensorSpec(
+                (None, *s.shape), dtype=tf.as_dtype(s.numpy_dtype or "float32"), name=None
+            )
             for s in specs
         ]
 
@@ -272,17 +228,17 @@ def _to_numpy(out: Any, conv: Callable[[Any], Any]) -> Any:
     return conv(out)
 
 
-def _check(spec: _InputSpec, value: Any) -> np.ndarray[Any, Any]:
+def _check(spec: TensorSpec, value: Any) -> np.ndarray[Any, Any]:
     """One input: the right rank, fixed dimensions and a safely convertible dtype."""
     try:
         arr = value if isinstance(value, np.ndarray) else np.asarray(value)
     except (ValueError, TypeError) as e:
         raise InvalidInput(
-            f"input {spec.name!r} must be an array with {spec.describe()}; could not convert "
+            f"input {spec.name!r} must be an array with {_describe(spec)}; could not convert "
             f"the {type(value).__name__} given: {e}"
         ) from e
     shape = spec.shape
-    want = spec.dtype
+    want = spec.numpy_dtype
     bad_dtype = False
     if want is not None and arr.dtype != want:
         bad_dtype = not converts_safely(arr.dtype, want)
@@ -301,8 +257,25 @@ def _check(spec: _InputSpec, value: Any) -> np.ndarray[Any, Any]:
         elif bad_dtype:
             hint = f" Send numbers that convert safely to {want.name if want else '?'}."
         raise InvalidInput(
-            f"input {spec.name!r} expects {spec.describe()}; got {got}.{hint}".replace("..", ".")
+            f"input {spec.name!r} expects {_describe(spec)}; got {got}.{hint}".replace("..", ".")
         )
     if want is not None and arr.dtype != want:
         arr = arr.astype(want)
     return arr
+
+
+def keras_signature(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The per-example input and output specs of a Keras model (empty when not built)."""
+
+    def specs(tensors: Any, prefix: str) -> list[TensorSpec]:
+        out = []
+        for i, t in enumerate(tensors or []):
+            shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
+            name = getattr(t, "name", None) or f"{prefix}{i}"
+            out.append(TensorSpec(str(name), shape, dtype_name(t.dtype)))
+        return out
+
+    try:
+        return specs(model.inputs, "input_"), specs(model.outputs, "output_")
+    except (AttributeError, ValueError, TypeError):
+        return [], []

@@ -5,6 +5,11 @@
     store = open_store("~/.studioml/experiments")   # or file://..., s3://b/p, gs://b/p
     store.add("mnist-7", Path("./checkpoints"))
     modeldir = store.fetch("mnist-7")                # a local folder, cached for remote stores
+
+Modules, in import order (each imports only those before it): :mod:`.base` (the interface),
+:mod:`._names` (safe names and paths), :mod:`._transfer` (retries, progress, the file sink),
+:mod:`.cache` (the verified local cache), :mod:`.remote` (what S3 and GCS share),
+:mod:`.local`, :mod:`.s3`, :mod:`.gcs` (the implementations), :mod:`.open` (the factory).
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from .base import (
     MODELDIR,
     ExperimentInfo,
     Store,
-    open_store,
     validate_key,
 )
+from .open import open_store
 
 __all__ = [
     "EXPERIMENT_FILE",

@@ -1,4 +1,8 @@
-"""The store interface, key validation and the URL factory."""
+"""The store interface: :class:`Store`, experiment metadata and key validation.
+
+Every store implementation builds on this module; it imports none of them (the URL factory,
+:func:`~studioserve.store.open.open_store`, lives in :mod:`studioserve.store.open`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-from ..errors import ConfigError, ExperimentNotFound, InvalidKey, StoreError
+from ..errors import ExperimentNotFound, InvalidKey, StoreError
 
 KEY_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 EXPERIMENT_FILE = "experiment.json"
@@ -155,44 +158,3 @@ class Store(abc.ABC):
         else:
             hint = "the store has no experiments; add one with 'studio experiments add KEY DIR'"
         return ExperimentNotFound(f"no experiment {key!r} in store {self.url}; {hint}")
-
-
-def open_store(url: str) -> Store:
-    """The store for ``url``: a path or ``file://`` URL, ``s3://bucket/prefix``, ``gs://bucket/prefix``.
-
-    :raises ConfigError: for an unknown scheme, or a missing optional dependency.
-    """
-    parsed = urlparse(url)
-    scheme = parsed.scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
-        from .local import LocalStore
-
-        path = url
-        if scheme == "file":
-            # file:///abs and file://localhost/abs are absolute; file://rel/dir and file:rel
-            # are read as the relative path people meant, not as a host name
-            host = parsed.netloc
-            path = unquote(parsed.path)
-            if host and host.lower() != "localhost":
-                path = unquote(host) + path
-        return LocalStore(Path(path).expanduser())
-    if scheme == "s3":
-        try:
-            from .s3 import S3Store
-        except ImportError as e:
-            raise ConfigError(
-                f"store {url} needs boto3: pip install 'studioserve[aws]' ({e})"
-            ) from e
-        return S3Store(url)
-    if scheme == "gs":
-        try:
-            from .gcs import GCSStore
-        except ImportError as e:
-            raise ConfigError(
-                f"store {url} needs google-cloud-storage: pip install 'studioserve[gcp]' ({e})"
-            ) from e
-        return GCSStore(url)
-    raise ConfigError(
-        f"unknown store URL {url!r}: use a folder path, file://PATH, s3://BUCKET/PREFIX "
-        "or gs://BUCKET/PREFIX"
-    )

@@ -34,16 +34,9 @@ from google.cloud import storage  # type: ignore[attr-defined]
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
 from ..errors import ChecksumMismatch, ConfigError, StoreError
-from .cache import (
-    DEFAULT_LOCK_TIMEOUT,
-    DEFAULT_WORKERS,
-    MissingObject,
-    ObjectInfo,
-    RemoteObject,
-    RemoteStore,
-    RetryPolicy,
-    Sink,
-)
+from ._transfer import DEFAULT_WORKERS, RetryPolicy, Sink
+from .cache import DEFAULT_LOCK_TIMEOUT, RemoteObject
+from .remote import MissingObject, ObjectInfo, RemoteStore
 
 logger = logging.getLogger(__name__)
 

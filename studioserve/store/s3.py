@@ -30,18 +30,9 @@ import botocore.session
 from boto3.s3.transfer import TransferConfig
 
 from ..errors import ChecksumMismatch, ConfigError, StoreError
-from .cache import (
-    CHUNK_SIZE,
-    DEFAULT_LOCK_TIMEOUT,
-    DEFAULT_WORKERS,
-    MissingObject,
-    ObjectInfo,
-    RemoteObject,
-    RemoteStore,
-    RetryPolicy,
-    Sink,
-    md5_from_etag,
-)
+from ._transfer import CHUNK_SIZE, DEFAULT_WORKERS, RetryPolicy, Sink, md5_from_etag
+from .cache import DEFAULT_LOCK_TIMEOUT, RemoteObject
+from .remote import MissingObject, ObjectInfo, RemoteStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -114,7 +105,7 @@ def make_client(endpoint_url: str | None = None, *, max_pool_connections: int = 
         which honours ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` and ``~/.aws/config``.
     :param max_pool_connections: the HTTP connection pool size (parallel transfers).
     :returns: a client using boto3's credential chain. botocore makes a single attempt per
-        call: retries are :func:`studioserve.store.cache.retry_call`'s job.
+        call: retries are :func:`studioserve.store._transfer.retry_call`'s job.
     """
     config = botocore.config.Config(
         retries={"total_max_attempts": 1, "mode": "standard"},

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from studioserve.cli import main
+from studioserve.cli import CloudArgs, StudioCommand, StudioGroup, main, serve
+from studioserve.config import ServeConfig
+from studioserve.errors import StudioServeError
 
 
 @pytest.fixture
@@ -138,3 +145,110 @@ def test_bad_options_exit_2(runner: CliRunner) -> None:
     assert r.exit_code == 2
     r = runner.invoke(main, ["serve", "k", "--max-batch-size", "0"])
     assert r.exit_code == 2
+
+
+def test_serve_help_shows_servecfg_defaults(runner: CliRunner) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    ctx = click.Context(serve)
+    shown = {
+        opt.name: opt
+        for opt in serve.params
+        if isinstance(opt, click.Option) and opt.show_default and opt.name in defaults
+    }
+    assert set(shown) >= {
+        "port",
+        "host",
+        "killafter",
+        "max_batch_size",
+        "max_delay_ms",
+        "max_body",
+        "threads",
+        "request_timeout",
+        "http_server",
+    }
+    help_text = " ".join(runner.invoke(main, ["serve", "--help"]).output.split())
+    for name, opt in shown.items():
+        assert opt.default == defaults[name], name
+        record = opt.get_help_record(ctx)
+        assert record is not None
+        line = " ".join(" ".join(record).split())
+        assert re.search(rf"\[default: {re.escape(str(defaults[name]))}[;\]]", line), line
+        assert line in help_text, line
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--gpus", "1"),
+        ("--instance-type", "g5.xlarge"),
+        ("--machine-type", "g2-standard-4"),
+        ("--accelerator", "l4"),
+        ("--region", "us-east-1"),
+        ("--subnet", "subnet-0123456789abcdef0"),
+        ("--zone", "us-central1-a"),
+        ("--project", "p"),
+        ("--image", "ami-0123"),
+        ("--allow-cidr", "10.0.0.0/8"),
+        ("--max-lifetime", "120"),
+        ("--ssh-user", "ubuntu"),
+    ],
+)
+def test_each_cloud_only_option_without_cloud_is_a_usage_error(
+    runner: CliRunner, option: str, value: str
+) -> None:
+    r = runner.invoke(main, ["serve", "k", option, value])
+    assert r.exit_code == 2
+    assert "Usage: " in r.stderr
+    assert f"Error: {option} need(s) --cloud ec2|gcloud" in r.stderr
+    assert r.stdout == ""
+
+
+def test_cloud_args_map_to_cloud_options() -> None:
+    from studioserve.cloud import DEFAULT_MAX_LIFETIME
+
+    options = CloudArgs(cloud="ec2").options()
+    assert (options.cloud, options.gpus, options.max_lifetime) == ("ec2", 1, DEFAULT_MAX_LIFETIME)
+    options = CloudArgs(cloud="gcloud", gpus=0, zone="z", max_lifetime=120.0).options()
+    assert (options.gpus, options.zone, options.max_lifetime) == (0, "z", 120.0)
+
+
+def test_a_library_error_is_one_line_on_stderr_and_exit_1(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    r = runner.invoke(main, ["experiments", "show", "nosuchkey", "--store", str(tmp_path)])
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: ")
+    assert "nosuchkey" in lines[0]
+    assert not isinstance(r.exception, StudioServeError)  # converted, not a traceback
+
+
+def test_a_library_error_exits_1_as_a_process(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "studioserve", "experiments", "rm", "nosuchkey"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STUDIO_STORE": str(tmp_path)},
+    )
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("Error: ")
+
+
+def test_every_command_converts_library_errors() -> None:
+    def walk(group: click.Group) -> Iterator[click.Command]:
+        for command in group.commands.values():
+            yield command
+            if isinstance(command, click.Group):
+                yield from walk(command)
+
+    assert isinstance(main, StudioGroup)
+    commands = list(walk(main))
+    assert {c.name for c in commands} >= {"serve", "demo", "bench", "instances", "experiments"}
+    for command in commands:
+        assert isinstance(
+            command, StudioGroup if isinstance(command, click.Group) else StudioCommand
+        )

@@ -197,7 +197,7 @@ class MotoS3:
 
 
 def fast_retry() -> Any:
-    from studioserve.store.cache import RetryPolicy
+    from studioserve.store._transfer import RetryPolicy
 
     return RetryPolicy(**FAST_RETRY_KW)
 

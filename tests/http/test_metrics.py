@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from studioserve.loader import LoadedModel, TensorSpec
-from studioserve.metrics import LiveSeries
-from studioserve.oip import encode_infer_request
+from studioserve.http.app import create_app
+from studioserve.http.state import ServerInfo
+from studioserve.models import IdentityModel, PipeModel
 from studioserve.pipelines import BatchEvent, ModelPipe
-from studioserve.server import create_app
-from studioserve.service import ModelService
+from studioserve.serving.service import ModelService
+from studioserve.telemetry import LiveSeries
+from studioserve.tensors import TensorSpec
+from studioserve.wire.oip_codec import encode_infer_request
 from tests.helpers import raw_post, running_server
 
 W = np.eye(16, 4, dtype=np.float32)
@@ -40,13 +42,12 @@ class Gate:
         return batch @ W
 
 
-def _model(fn: Any = None, load_seconds: float = 1.25) -> LoadedModel:
+def _model(fn: Any = None, load_seconds: float = 1.25) -> PipeModel:
     pipe = ModelPipe(name="m")
     pipe.add(fn or (lambda x: x @ W), max_batch_size=16, name="matmul")
-    return LoadedModel(
-        kind="pipe",
+    return PipeModel(
+        pipe,
         source="metrics-test",
-        pipe=pipe,
         inputs=[TensorSpec("x", (16,), "float32")],
         outputs=[TensorSpec("y", (4,), "float32")],
         load_seconds=load_seconds,
@@ -170,11 +171,11 @@ def test_without_prometheus_client_there_is_no_metrics_route(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import now raises
-    model = LoadedModel(kind="identity", source="none")
+    model = IdentityModel(source="none")
     service = ModelService(model)
     service.ready = True
-    with caplog.at_level(logging.DEBUG, logger="studioserve.metrics"):
-        app = create_app(service, info={"experiment": "plain"})
+    with caplog.at_level(logging.DEBUG, logger="studioserve.telemetry"):
+        app = create_app(service, info=ServerInfo(experiment="plain"))
     assert any("prometheus-client is not installed" in r.message for r in caplog.records)
     client = app.test_client()
     assert client.get("/metrics").status_code == 404

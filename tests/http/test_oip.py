@@ -16,43 +16,42 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from studioserve.loader import LoadedModel, TensorSpec
-from studioserve.oip import (
+from studioserve.models import IdentityModel, PipeModel
+from studioserve.pipelines import ModelPipe
+from studioserve.store.local import LocalStore
+from studioserve.tensors import TensorSpec
+from studioserve.wire.oip_codec import (
     DATATYPES,
     decode_infer_request,
     decode_infer_response,
     encode_infer_request,
     serialize_bytes,
 )
-from studioserve.pipelines import ModelPipe
-from studioserve.store.local import LocalStore
 from tests.helpers import raw_post, running_server
 
 W = np.arange(16 * 4, dtype=np.float32).reshape(16, 4) / 64
 
 
-def _tiny_model(**batching: Any) -> LoadedModel:
+def _tiny_model(**batching: Any) -> PipeModel:
     pipe = ModelPipe(name="tiny")
     pipe.add(lambda x: x @ W, max_batch_size=32, name="matmul", **batching)
-    return LoadedModel(
-        kind="pipe",
+    return PipeModel(
+        pipe,
         source="tiny-test",
-        pipe=pipe,
         inputs=[TensorSpec("x", (16,), "float32")],
         outputs=[TensorSpec("y", (4,), "float32")],
     )
 
 
-def _two_in_two_out() -> LoadedModel:
+def _two_in_two_out() -> PipeModel:
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"sum": batch["a"] + batch["b"], "prod": (batch["a"] * batch["b"]).astype("f8")}
 
     pipe = ModelPipe(name="multi")
     pipe.add(fn, max_batch_size=16, name="arith")
-    return LoadedModel(
-        kind="pipe",
+    return PipeModel(
+        pipe,
         source="multi-test",
-        pipe=pipe,
         inputs=[TensorSpec("a", (3,), "int32"), TensorSpec("b", (3,), "int32")],
         outputs=[TensorSpec("sum", (3,), "int32"), TensorSpec("prod", (3,), "float64")],
     )
@@ -71,7 +70,7 @@ def tiny() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def identity() -> Iterator[Any]:
-    with running_server("ident", model=LoadedModel(kind="identity", source="none")) as s:
+    with running_server("ident", model=IdentityModel(source="none")) as s:
         yield s
 
 
@@ -479,10 +478,9 @@ def test_oip_and_pickle_requests_share_a_batch() -> None:
 
     pipe = ModelPipe(name="gated")
     pipe.add(fn, max_batch_size=64, name="gated")
-    loaded = LoadedModel(
-        kind="pipe",
+    loaded = PipeModel(
+        pipe,
         source="gated",
-        pipe=pipe,
         inputs=[TensorSpec("x", (16,), "float32")],
         outputs=[TensorSpec("y", (4,), "float32")],
     )

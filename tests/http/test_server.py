@@ -18,7 +18,7 @@ import pytest
 from studioserve import wire
 from studioserve.client import Client
 from studioserve.errors import ClientError
-from studioserve.loader import LoadedModel
+from studioserve.models import CallableModel, PipeModel
 from studioserve.pipelines import ModelPipe
 from studioserve.store.local import LocalStore
 from tests.helpers import error_of, gated_pipe, post_pickle, raw_post, running_server
@@ -121,7 +121,7 @@ def test_concurrent_clients_share_batches(keras_model: Any) -> None:
 
     pipe = ModelPipe(name="gated")
     pipe.add(model_fn, max_batch_size=64)
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     n_clients = 6
     with running_server(model=loaded) as server, Client(server.url) as client:
         xs = [_x(seed=i) for i in range(n_clients + 1)]
@@ -313,7 +313,7 @@ def test_a_model_that_raises_gets_500_and_the_server_keeps_serving() -> None:
 
     pipe = ModelPipe(name="raising")
     pipe.add(fn, max_batch_size=8)
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     with running_server(model=loaded) as server, Client(server.url) as client:
         with pytest.raises(ClientError) as info:
             client.predict({"bad": -np.ones((1, 2))})
@@ -329,7 +329,7 @@ def test_a_callable_that_raises_gets_500() -> None:
             raise RuntimeError("kaboom")
         return data
 
-    loaded = LoadedModel(kind="callable", source="test", func=fn)
+    loaded = CallableModel(fn, source="test")
     with running_server(model=loaded) as server, Client(server.url) as client:
         with pytest.raises(ClientError, match="kaboom") as info:
             client.predict({"boom": 1})
@@ -414,7 +414,7 @@ def test_wrapper_without_create_model_is_a_startup_error(tmp_path: Path, store: 
 
 def test_overload_gets_503_with_retry_after_and_recovers() -> None:
     pipe, gate, entered = gated_pipe(queue_size=1, max_batch_size=1)
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     with running_server(model=loaded) as server, ThreadPoolExecutor(2) as pool:
         busy = pool.submit(post_pickle, server.url, {"a": np.zeros((1, 2))})
         assert entered.wait(30)
@@ -435,7 +435,7 @@ def test_overload_gets_503_with_retry_after_and_recovers() -> None:
 
 def test_a_request_past_its_timeout_gets_504_and_the_server_keeps_serving() -> None:
     pipe, gate, entered = gated_pipe(max_batch_size=1)
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     with running_server(model=loaded, request_timeout=0.2) as server:
         status, _, body = post_pickle(server.url, {"slow": np.zeros((1, 2))})
         assert entered.is_set()

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from studioserve.loader import LoadedModel, TensorSpec
-from studioserve.oip import encode_infer_request
+from studioserve.models import IdentityModel, PipeModel
 from studioserve.pipelines import ModelPipe
+from studioserve.tensors import TensorSpec
+from studioserve.wire.oip_codec import encode_infer_request
 from tests.helpers import raw_post, running_server
 
 W = np.ones((16, 4), np.float32)
@@ -103,13 +104,12 @@ class Dom(HTMLParser):
         return str(self.by_id[id_]["attrs"].get(name, ""))
 
 
-def _model() -> LoadedModel:
+def _model() -> PipeModel:
     pipe = ModelPipe(name="page")
     pipe.add(lambda x: x @ W, max_batch_size=16, name="matmul")
-    return LoadedModel(
-        kind="pipe",
+    return PipeModel(
+        pipe,
         source="page-test",
-        pipe=pipe,
         inputs=[TensorSpec("x", (16,), "float32")],
         outputs=[TensorSpec("y", (4,), "float32")],
         load_seconds=0.5,
@@ -178,7 +178,7 @@ def test_page_shows_the_model_and_live_figures_after_real_requests(tmp_path: Pat
 
 
 def test_page_of_a_model_without_pipe_or_signature(tmp_path: Path) -> None:
-    model = LoadedModel(kind="identity", source="nothing-here")
+    model = IdentityModel(source="nothing-here")
     with running_server("ident", model=model) as server:
         assert raw_post(server.url, pickle.dumps({"a": np.arange(3)}))[0] == 200
         dom = Dom(dump_dom(server.url + "/", tmp_path, budget_ms=1500))

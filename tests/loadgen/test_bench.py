@@ -18,23 +18,23 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from studioserve.bench import BenchConfig, BenchResult, LevelResult, Target, run_bench
 from studioserve.cli import main
 from studioserve.errors import ConfigError
-from studioserve.loader import LoadedModel, TensorSpec
+from studioserve.loadgen import BenchConfig, BenchResult, LevelResult, Target, run_bench
+from studioserve.models import PipeModel
 from studioserve.pipelines import ModelPipe
+from studioserve.tensors import TensorSpec
 from tests.helpers import running_server
 
 W = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
 
 
-def _tiny() -> LoadedModel:
+def _tiny() -> PipeModel:
     pipe = ModelPipe(name="tiny")
     pipe.add(lambda x: x @ W, max_batch_size=64, name="matmul")
-    return LoadedModel(
-        kind="pipe",
+    return PipeModel(
+        pipe,
         source="bench-test",
-        pipe=pipe,
         inputs=[TensorSpec("x", (16,), "float32")],
         outputs=[TensorSpec("y", (16,), "float32")],
     )

@@ -167,13 +167,13 @@ _DTYPES = ["bool", "int8", "int64", "uint8", "uint64", "float16", "float32", "fl
 def test_server_and_stage_share_one_dtype_rule(want: str) -> None:
     """service validation and the Keras stage accept exactly the same input dtypes."""
     from studioserve.errors import PipelineError
-    from studioserve.loader import TensorSpec
-    from studioserve.pipelines.keras_stage import _check, _InputSpec, converts_safely
-    from studioserve.service import _check_dtype
+    from studioserve.pipelines.keras_stage import _check
+    from studioserve.tensors import TensorSpec, converts_safely
+    from studioserve.tensors import check_dtype as _check_dtype
 
     w = np.dtype(want)
     spec = TensorSpec(name="x", shape=(3,), dtype=want)
-    stage_spec = _InputSpec("x", (3,), w)
+    stage_spec = spec  # one TensorSpec type for the service and the stage
     for got in _DTYPES:
         arr = np.ones((2, 3), dtype=got)
         try:

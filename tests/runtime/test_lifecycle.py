@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from studioserve.client import Client
-from studioserve.loader import LoadedModel
+from studioserve.models import IdentityModel, PipeModel
 from tests.helpers import gated_pipe, raw_post, running_server, start_cli
 
 
 def test_killafter_waits_for_the_in_flight_request_then_exits() -> None:
     pipe, gate, entered = gated_pipe()
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     killafter = 0.3
     with running_server(model=loaded, killafter=killafter) as server:
         results: list[Any] = []
@@ -41,7 +41,7 @@ def test_killafter_waits_for_the_in_flight_request_then_exits() -> None:
 
 
 def test_probes_do_not_keep_the_server_alive() -> None:
-    loaded = LoadedModel(kind="identity", source="test")
+    loaded = IdentityModel(source="test")
     with running_server(model=loaded, killafter=0.5, token="tok") as server:
         stop_probing = threading.Event()
 
@@ -65,7 +65,7 @@ def test_probes_do_not_keep_the_server_alive() -> None:
 
 def test_draining_server_refuses_new_requests_with_503() -> None:
     pipe, gate, entered = gated_pipe()
-    loaded = LoadedModel(kind="pipe", source="test", pipe=pipe)
+    loaded = PipeModel(pipe, source="test")
     with running_server(model=loaded) as server, Client(server.url) as client:
         results: list[Any] = []
         worker = threading.Thread(

@@ -11,23 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from studioserve.errors import StoreError, UnsafePath
-from studioserve.store.cache import (
-    MANIFEST_FILE,
+from studioserve.errors import ChecksumMismatch, StoreError, UnsafePath
+from studioserve.store._names import check_layout, local_files, safe_join, safe_relpath
+from studioserve.store._transfer import (
     Cancelled,
-    ChecksumMismatch,
-    ModelCache,
     Progress,
-    RemoteObject,
     RetryPolicy,
     Sink,
-    check_layout,
-    listing_digest,
-    local_files,
     md5_from_etag,
     retry_call,
-    safe_join,
-    safe_relpath,
+)
+from studioserve.store.cache import (
+    MANIFEST_FILE,
+    ModelCache,
+    RemoteObject,
+    listing_digest,
     store_cache_id,
 )
 

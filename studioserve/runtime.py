@@ -10,7 +10,8 @@ flight, stops listening, closes the pipe and exits 0.
 
 HTTP is served by granian's Rust HTTP stack through its WSGI interface, embedded in this
 process (so the model and its batching pipe are shared by every request); waitress is the
-pure-Python fallback (``http_server="waitress"``). bench/bench_wsgi.py measured the choice.
+pure-Python fallback (``http_server="waitress"``). The servers live in
+:mod:`studioserve.http.servers`; bench/bench_wsgi.py measured the choice.
 """
 
 from __future__ import annotations
@@ -19,211 +20,25 @@ import contextlib
 import logging
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from .config import ServeConfig, resolve_store_url
-from .errors import ConfigError
-from .loader import LoadedModel, load_model
-from .server import AppState, create_app, state_of
-from .service import ModelService
+from .http.app import create_app
+from .http.servers import HttpServer, make_http_server, url_for
+from .http.state import AppState, ServerInfo, state_of
+from .models import Model, load_model
+from .serving.service import ModelService
+from .store import open_store
 
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
 SUMMARY_INTERVAL = 60.0
-
-
-class HttpServer(Protocol):
-    """A WSGI server that runs in background threads."""
-
-    port: int
-
-    def start(self) -> None:
-        """Listen; return once connections are accepted."""
-
-    def stop(self) -> None:
-        """Stop listening and join every thread."""
-
-
-def _port_error(host: str, port: int, e: OSError) -> ConfigError:
-    return ConfigError(
-        f"cannot listen on {host}:{port}: {e.strerror or e}. Port {port} may be in use by "
-        "another program: stop it, or pass a different --port (0 picks a free one)"
-    )
-
-
-def _probe_port(host: str, port: int) -> int:
-    """Check that ``host:port`` can be bound and return the port (0: a free one).
-
-    :raises ConfigError: when it cannot be bound (in use, no such address).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise _port_error(host, port, e) from e
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + timeout
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
-    while time.monotonic() < deadline:
-        if not alive():
-            raise ConfigError(f"the HTTP server on {host}:{port} stopped while starting")
-        try:
-            with socket.create_connection((target, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise ConfigError(f"the HTTP server did not start listening on {host}:{port} in {timeout}s")
-
-
-class GranianServer:
-    """granian's Rust HTTP server, WSGI interface, embedded in this process (one worker)."""
-
-    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
-        self.app = app
-        self.host = host
-        self.port = _probe_port(host, port)
-        self.threads = threads
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def _run(self) -> None:
-        try:
-            self._server.serve(target_loader=lambda *a, **k: self.app)
-        except BaseException as e:  # SystemExit from granian's shutdown included
-            if not (isinstance(e, SystemExit) and not e.code):
-                self._error = e
-                logger.error("HTTP server stopped: %s", e)
-
-    def start(self) -> None:
-        self._server = _embedded_granian()(
-            "studioserve:app",
-            address=self.host,
-            port=self.port,
-            interface="wsgi",
-            workers=1,
-            blocking_threads=self.threads,
-            log_enabled=False,
-            backlog=2048,
-        )
-        self._thread = threading.Thread(target=self._run, name="studioserve-http", daemon=True)
-        self._thread.start()
-        _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.signal_handler_interrupt()
-        if self._thread is not None:
-            self._thread.join(15.0)
-            self._thread = None
-
-
-_GRANIAN_CLASS: Any = None
-_GRANIAN_LOCK = threading.Lock()
-
-
-def _embedded_granian() -> Any:
-    """granian's thread-worker server, usable in-process on a GIL build and off the main thread.
-
-    granian's own entry point runs its WSGI worker in a thread only on free-threaded Python
-    and installs signal handlers (main thread only). We run it embedded: our process owns
-    the signals, and the worker thread serves the app object directly.
-    """
-    global _GRANIAN_CLASS
-    with _GRANIAN_LOCK:
-        if _GRANIAN_CLASS is not None:
-            return _GRANIAN_CLASS
-        import granian.server.common as common
-        from granian.server.mt import MTServer
-
-        class _Embedded(MTServer):  # type: ignore[misc]
-            def _check_gil(self) -> None:
-                return None
-
-            def startup(self, spawn_target: Any, target_loader: Any) -> None:
-                with _GRANIAN_LOCK:
-                    saved = getattr(common, "set_main_signals")  # noqa: B009
-                    setattr(common, "set_main_signals", lambda *a, **k: None)  # noqa: B010
-                    try:
-                        super().startup(spawn_target, target_loader)  # type: ignore[no-untyped-call]
-                    finally:
-                        setattr(common, "set_main_signals", saved)  # noqa: B010
-
-        _GRANIAN_CLASS = _Embedded
-        return _Embedded
-
-
-class WaitressServer:
-    """waitress, pure Python, in this process."""
-
-    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
-        import waitress.server
-
-        try:
-            self._server = waitress.server.create_server(
-                app,
-                host=host,
-                port=port,
-                threads=threads,
-                connection_limit=1000,
-                backlog=2048,
-                channel_timeout=120,
-                ident="studioserve",
-                clear_untrusted_proxy_headers=True,
-            )
-        except OSError as e:
-            raise _port_error(host, port, e) from e
-        self.host = host
-        self.port = int(self._server.effective_port)
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.run, name="studioserve-http", daemon=True
-        )
-        self._thread.start()
-        _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
-
-    def stop(self) -> None:
-        self._server.close()
-        self._server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
-        if self._thread is not None:
-            self._thread.join(15.0)
-            self._thread = None
-
-
-HTTP_SERVERS: dict[str, Callable[[Any, str, int, int], HttpServer]] = {
-    "granian": GranianServer,
-    "waitress": WaitressServer,
-}
-
-
-def make_http_server(app: Any, host: str, port: int, threads: int, kind: str) -> HttpServer:
-    try:
-        factory = HTTP_SERVERS[kind]
-    except KeyError:
-        raise ConfigError(
-            f"unknown HTTP server {kind!r}; choose one of {', '.join(HTTP_SERVERS)}"
-        ) from None
-    return factory(app, host, port, threads)
-
-
-def url_for(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"http://{shown}:{port}"
 
 
 class ModelServer:
@@ -237,18 +52,18 @@ class ModelServer:
 
     :param config: what to serve and how.
     :param model: an already loaded model (skips the store and the loader), for embedding.
-    :param http_server: ``"granian"`` (default) or ``"waitress"``.
+    :param http_server: ``"granian"`` or ``"waitress"`` (default: ``config.http_server``).
     """
 
     def __init__(
         self,
         config: ServeConfig,
         *,
-        model: LoadedModel | None = None,
-        http_server: str = "granian",
+        model: Model | None = None,
+        http_server: str | None = None,
     ) -> None:
         self.config = config
-        self.http_server = http_server
+        self.http_server = http_server or config.http_server
         self._model = model
         self.token: str | None = None
         self.modeldir: Path | None = None
@@ -273,23 +88,20 @@ class ModelServer:
                 self.service,
                 token=self.token,
                 max_body=cfg.max_body,
-                info={
-                    "experiment": cfg.key,
-                    "store": resolve_store_url(cfg.store),
-                    "batching": {
-                        "max_batch_size": cfg.max_batch_size,
-                        "max_delay_ms": cfg.max_delay_ms,
-                    },
-                    "killafter_seconds": cfg.killafter,
-                    "auth": self.token is not None,
-                },
+                info=ServerInfo(
+                    experiment=cfg.key,
+                    store=resolve_store_url(cfg.store),
+                    max_batch_size=cfg.max_batch_size,
+                    max_delay_ms=cfg.max_delay_ms,
+                    killafter_seconds=cfg.killafter,
+                    auth=self.token is not None,
+                ),
             )
             state_of(self.app).shutdown_at = self.shutdown_at
             self.http = make_http_server(
                 self.app, cfg.host, cfg.port, cfg.threads, self.http_server
             )
-            if model.pipe is not None:
-                model.pipe.start()  # worker threads up before the first request
+            model.start()  # worker threads up before the first request
             self.http.start()
             self.service.ready = True
             self._watcher = threading.Thread(
@@ -302,9 +114,7 @@ class ModelServer:
         logger.info("serving %s at %s", cfg.key, self.url)
         return self
 
-    def _load(self) -> LoadedModel:
-        from .store import open_store
-
+    def _load(self) -> Model:
         cfg = self.config
         with open_store(resolve_store_url(cfg.store)) as store:
             self.modeldir = store.fetch(cfg.key, refresh=cfg.refresh, quiet=cfg.quiet)
@@ -430,7 +240,7 @@ def serve(
     config: ServeConfig,
     *,
     on_ready: Callable[[ModelServer], None] | None = None,
-    http_server: str = "granian",
+    http_server: str | None = None,
 ) -> int:
     """Serve ``config.key`` until SIGTERM, Ctrl-C or ``config.killafter`` seconds of idleness.
 

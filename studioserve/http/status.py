@@ -15,9 +15,9 @@ fragment ``#token=...`` (browsers never send fragments to the server), is kept i
 
 The JSON has ``model`` (kind, source, inputs, outputs, load_seconds), ``ready``,
 ``uptime_seconds``, ``in_flight``, ``requests_accepted``, ``shutdown_in_seconds``, the
-server's facts (``experiment``, ``batching``, ...), ``pipe`` (per-stage counters, when the
-model has a pipe) and ``live`` (per-second series of the last minute, see
-:meth:`studioserve.metrics.LiveSeries.snapshot`).
+server's facts (:class:`~studioserve.http.state.ServerInfo`: ``experiment``, ``batching``,
+...), ``pipe`` (per-stage counters, when the model has a pipe) and ``live`` (per-second series
+of the last minute, see :meth:`studioserve.telemetry.LiveSeries.snapshot`).
 """
 
 from __future__ import annotations
@@ -28,25 +28,20 @@ import json
 import logging
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Response, current_app, has_app_context
+from werkzeug.datastructures import MIMEAccept
 
-if TYPE_CHECKING:
-    from werkzeug.datastructures import MIMEAccept
-
-    from .server import AppState
+from ..pipelines import ModelPipe
+from .state import AppState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["render_sign_in", "render_status", "status_info", "wants_html"]
 
 
-def _spec(s: Any) -> dict[str, Any]:
-    return {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
-
-
-def _pipe_info(pipe: Any) -> dict[str, Any] | None:
+def _pipe_info(pipe: ModelPipe | None) -> dict[str, Any] | None:
     if pipe is None:
         return None
     try:
@@ -54,11 +49,9 @@ def _pipe_info(pipe: Any) -> dict[str, Any] | None:
     except Exception:
         logger.debug("pipe stats failed", exc_info=True)
         return None
-    from .oip import model_stage
-
     return {
-        "model_stage": model_stage(pipe),
-        "max_batch_size": getattr(pipe, "max_batch_size", None),
+        "model_stage": pipe.model_stage,
+        "max_batch_size": pipe.max_batch_size,
         "in_flight": stats.in_flight,
         "accepted": stats.accepted,
         "stages": [
@@ -90,8 +83,8 @@ def status_info(state: AppState) -> dict[str, Any]:
         "model": {
             "kind": model.kind,
             "source": model.source,
-            "inputs": [_spec(s) for s in model.inputs],
-            "outputs": [_spec(s) for s in model.outputs],
+            "inputs": [s.to_json() for s in model.inputs],
+            "outputs": [s.to_json() for s in model.outputs],
             "load_seconds": round(model.load_seconds, 3),
         },
         "ready": service.ready,
@@ -102,19 +95,15 @@ def status_info(state: AppState) -> dict[str, Any]:
             None if shutdown_at is None else max(0.0, round(shutdown_at - time.monotonic(), 1))
         ),
     }
-    info.update(state.info)
+    info.update(state.info.to_json())
     pipe = _pipe_info(model.pipe)
     if pipe is not None:
         info["pipe"] = pipe
+    info["live"] = state.telemetry.live.snapshot()
     if has_app_context():
-        from .metrics import live_series_of
-
-        series = live_series_of(current_app)
-        if series is not None:
-            info["live"] = series.snapshot()
         info["endpoints"] = {
             "metrics": "/metrics" in {r.rule for r in current_app.url_map.iter_rules()},
-            "oip": "studioserve.oip" in current_app.extensions,
+            "oip": "oip" in current_app.blueprints,
         }
     return info
 

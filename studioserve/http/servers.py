@@ -1,0 +1,344 @@
+"""The embedded HTTP servers: granian (Rust, WSGI interface) and waitress, in this process.
+
+Both run in background threads of the serving process, so the loaded model and its batching
+pipe are shared by every request; :func:`make_http_server` picks one by name and the returned
+server's ``kind`` says which one actually runs.
+
+**Why granian is embedded through its internals.** granian's public entry points
+(``granian.Granian(...).serve()``, the ``granian`` CLI) own the process: they import the app
+from a module path in a worker (a forked process, or on free-threaded Python a thread) and
+install SIGINT/SIGTERM handlers, which only works on the main thread. ``studio serve`` needs the
+opposite: the app object it already built (model loaded, pipe warm) served from a background
+thread while the process keeps its own signal handling (drain, then exit). So
+:func:`_embedded_granian` subclasses ``granian.server.mt.MTServer`` (the thread-worker server),
+skips its ``_check_gil`` (which refuses GIL builds), and runs ``startup`` with
+``granian.server.common.set_main_signals`` replaced by a no-op; :meth:`GranianServer.stop` calls
+``signal_handler_interrupt`` as a signal would.
+
+**The pin.** Those are private names, so pyproject.toml pins granian to the minor series this
+was tested with (:data:`GRANIAN_TESTED`).
+
+**The fallback.** Once per process, :func:`check_granian` inspects those internals without
+starting anything: that the modules import, that ``MTServer`` has the methods the subclass
+overrides or calls, that ``startup`` still looks up ``set_main_signals`` in
+``granian.server.common`` (so the patch takes effect), and that the constructor, ``startup`` and
+``serve`` accept the arguments we pass. If anything is off, ``make_http_server(kind="granian")``
+logs one warning naming the granian version and what changed, and returns a waitress server
+instead (``kind == "waitress"``): slower, but it serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: The granian versions the embedding was tested with (keep in step with pyproject.toml).
+GRANIAN_TESTED = ">=2.8,<2.9"
+
+#: What the subclass in :func:`_embedded_granian` overrides or calls on ``MTServer``.
+_MTSERVER_NAMES = ("_check_gil", "startup", "serve", "signal_handler_interrupt")
+
+
+class HttpServer(Protocol):
+    """A WSGI server that runs in background threads."""
+
+    #: which server this is: ``"granian"`` or ``"waitress"``.
+    kind: str
+    port: int
+
+    def start(self) -> None:
+        """Listen; return once connections are accepted."""
+
+    def stop(self) -> None:
+        """Stop listening and join every thread."""
+
+
+def _port_error(host: str, port: int, e: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot listen on {host}:{port}: {e.strerror or e}. Port {port} may be in use by "
+        "another program: stop it, or pass a different --port (0 picks a free one)"
+    )
+
+
+def _probe_port(host: str, port: int) -> int:
+    """Check that ``host:port`` can be bound and return the port (0: a free one).
+
+    :raises ConfigError: when it cannot be bound (in use, no such address).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise _port_error(host, port, e) from e
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    while time.monotonic() < deadline:
+        if not alive():
+            raise ConfigError(f"the HTTP server on {host}:{port} stopped while starting")
+        try:
+            with socket.create_connection((target, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise ConfigError(f"the HTTP server did not start listening on {host}:{port} in {timeout}s")
+
+
+def _granian_kwargs(host: str, port: int, threads: int) -> dict[str, Any]:
+    """The keyword arguments :class:`GranianServer` passes to the ``MTServer`` constructor."""
+    return {
+        "address": host,
+        "port": port,
+        "interface": "wsgi",
+        "workers": 1,
+        "blocking_threads": threads,
+        "log_enabled": False,
+        "backlog": 2048,
+    }
+
+
+class GranianServer:
+    """granian's Rust HTTP server, WSGI interface, embedded in this process (one worker)."""
+
+    kind = "granian"
+
+    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = _probe_port(host, port)
+        self.threads = threads
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._server.serve(target_loader=lambda *a, **k: self.app)
+        except BaseException as e:  # SystemExit from granian's shutdown included
+            if not (isinstance(e, SystemExit) and not e.code):
+                self._error = e
+                logger.error("HTTP server stopped: %s", e)
+
+    def start(self) -> None:
+        self._server = _embedded_granian()(
+            "studioserve:app", **_granian_kwargs(self.host, self.port, self.threads)
+        )
+        self._thread = threading.Thread(target=self._run, name="studioserve-http", daemon=True)
+        self._thread.start()
+        _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.signal_handler_interrupt()
+        if self._thread is not None:
+            self._thread.join(15.0)
+            self._thread = None
+
+
+@dataclass(frozen=True)
+class GranianCheck:
+    """What :func:`check_granian` found: the version and what is missing or changed."""
+
+    version: str
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _granian_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("granian")
+    except Exception:  # not installed, or no metadata
+        return "(not installed)"
+
+
+def _accepts(func: Any, *args: Any, **kwargs: Any) -> str | None:
+    """None if ``func``'s signature accepts these arguments, else why not."""
+    try:
+        inspect.signature(func).bind(*args, **kwargs)
+    except TypeError as e:
+        return str(e)
+    except ValueError as e:  # no signature to inspect
+        return f"no signature ({e})"
+    return None
+
+
+@functools.cache
+def check_granian() -> GranianCheck:
+    """Check, once per process, that granian's internals are what the embedding relies on.
+
+    Imports granian and inspects it; starts, binds and configures nothing.
+    """
+    version = _granian_version()
+    try:
+        import granian.server.common as common
+        from granian.server.mt import MTServer
+    except Exception as e:  # ImportError, or whatever importing granian raised
+        return GranianCheck(version, (f"granian.server.mt.MTServer cannot be imported ({e})",))
+
+    problems: list[str] = []
+    missing = [n for n in _MTSERVER_NAMES if not callable(getattr(MTServer, n, None))]
+    problems += [f"MTServer.{n} is missing" for n in missing]
+    if not callable(getattr(common, "set_main_signals", None)):
+        problems.append("granian.server.common.set_main_signals is missing")
+    elif "startup" not in missing:
+        startup = MTServer.startup
+        code = getattr(startup, "__code__", None)
+        if (
+            code is None
+            or "set_main_signals" not in code.co_names
+            or getattr(startup, "__globals__", None) is not vars(common)
+        ):
+            problems.append(
+                "MTServer.startup no longer calls granian.server.common.set_main_signals"
+            )
+    why = _accepts(MTServer, "studioserve:app", **_granian_kwargs("127.0.0.1", 0, 1))
+    if why:
+        problems.append(f"MTServer() does not accept our arguments: {why}")
+    if "startup" not in missing and (why := _accepts(MTServer.startup, None, None, None)):
+        problems.append(f"MTServer.startup(spawn_target, target_loader) fails: {why}")
+    if "serve" not in missing and (why := _accepts(MTServer.serve, None, target_loader=None)):
+        problems.append(f"MTServer.serve(target_loader=...) fails: {why}")
+    return GranianCheck(version, tuple(problems))
+
+
+def reset_granian_check() -> None:
+    """Forget the cached :func:`check_granian` result and embedded class (for tests)."""
+    global _GRANIAN_CLASS
+    check_granian.cache_clear()
+    with _GRANIAN_LOCK:
+        _GRANIAN_CLASS = None
+
+
+_GRANIAN_CLASS: Any = None
+_GRANIAN_LOCK = threading.Lock()
+_SIGNALS_LOCK = threading.Lock()
+
+
+def _embedded_granian() -> Any:
+    """granian's thread-worker server, usable in-process on a GIL build and off the main thread.
+
+    granian's own entry point runs its WSGI worker in a thread only on free-threaded Python
+    and installs signal handlers (main thread only). We run it embedded: our process owns
+    the signals, and the worker thread serves the app object directly. Call it only after
+    :func:`check_granian` passed (:func:`make_http_server` does).
+    """
+    global _GRANIAN_CLASS
+    with _GRANIAN_LOCK:
+        if _GRANIAN_CLASS is not None:
+            return _GRANIAN_CLASS
+        import granian.server.common as common
+        from granian.server.mt import MTServer
+
+        class _Embedded(MTServer):  # type: ignore[misc]
+            def _check_gil(self) -> None:
+                return None
+
+            def startup(self, spawn_target: Any, target_loader: Any) -> None:
+                with _SIGNALS_LOCK:
+                    saved = getattr(common, "set_main_signals")  # noqa: B009
+                    setattr(common, "set_main_signals", lambda *a, **k: None)  # noqa: B010
+                    try:
+                        super().startup(spawn_target, target_loader)  # type: ignore[no-untyped-call]
+                    finally:
+                        setattr(common, "set_main_signals", saved)  # noqa: B010
+
+        _GRANIAN_CLASS = _Embedded
+        return _Embedded
+
+
+class WaitressServer:
+    """waitress, pure Python, in this process."""
+
+    kind = "waitress"
+
+    def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
+        import waitress.server
+
+        try:
+            self._server = waitress.server.create_server(
+                app,
+                host=host,
+                port=port,
+                threads=threads,
+                connection_limit=1000,
+                backlog=2048,
+                channel_timeout=120,
+                ident="studioserve",
+                clear_untrusted_proxy_headers=True,
+            )
+        except OSError as e:
+            raise _port_error(host, port, e) from e
+        self.host = host
+        self.port = int(self._server.effective_port)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.run, name="studioserve-http", daemon=True
+        )
+        self._thread.start()
+        _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
+
+    def stop(self) -> None:
+        self._server.close()
+        self._server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
+        if self._thread is not None:
+            self._thread.join(15.0)
+            self._thread = None
+
+
+HTTP_SERVERS: dict[str, Callable[[Any, str, int, int], HttpServer]] = {
+    "granian": GranianServer,
+    "waitress": WaitressServer,
+}
+
+
+def make_http_server(app: Any, host: str, port: int, threads: int, kind: str) -> HttpServer:
+    """The ``kind`` HTTP server for ``app`` on ``host:port`` (0: a free port), not yet started.
+
+    ``"granian"`` falls back to waitress, with one warning, when :func:`check_granian` finds
+    granian's internals changed or granian missing; the returned server's ``kind`` tells.
+
+    :raises ConfigError: for an unknown ``kind``, or when the port cannot be bound.
+    """
+    if kind not in HTTP_SERVERS:
+        raise ConfigError(f"unknown HTTP server {kind!r}; choose one of {', '.join(HTTP_SERVERS)}")
+    if kind == "granian":
+        check = check_granian()
+        if not check.ok:
+            logger.warning(
+                "granian %s cannot be embedded (tested: granian%s): %s; waitress serves HTTP "
+                "instead",
+                check.version,
+                GRANIAN_TESTED,
+                "; ".join(check.problems),
+            )
+            kind = "waitress"
+    return HTTP_SERVERS[kind](app, host, port, threads)
+
+
+def url_for(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}"

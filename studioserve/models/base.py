@@ -1,0 +1,219 @@
+"""The Model protocol: what every served thing is, whatever framework or wrapper made it.
+
+A :class:`Model` has a signature (:attr:`~Model.inputs` and :attr:`~Model.outputs`, each a
+list of :class:`~studioserve.tensors.TensorSpec`), a :meth:`~Model.predict` that answers one
+request dict, :meth:`~Model.describe` and :meth:`~Model.close`, and says whether it batches
+(:attr:`~Model.batches`: it has a :class:`~studioserve.pipelines.ModelPipe` whose batching
+stage gathers items across concurrent requests). The implementation is chosen once, when the
+model is loaded (:mod:`studioserve.models.loader`); nothing above this layer branches on
+what kind of model it serves.
+
+:class:`PipeModel` is the base of every batching model: it validates each request key once
+against the input signature, submits one item per key to the pipe (so keys of concurrent
+requests meet in one batch), waits for them under the request's deadline and turns failures
+into one :class:`~studioserve.errors.RequestFailed` with per-key messages.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    PipelineError,
+    RequestFailed,
+)
+from ..pipelines import ModelPipe
+from ..tensors import TensorSpec, check_example
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Model", "PipeModel"]
+
+# When keys fail with different statuses, the answer takes the first of these that occurs.
+_STATUS_ORDER = (400, 413, 422, 503, 504, 500)
+
+
+class Model(abc.ABC):
+    """One served model.
+
+    :param source: the checkpoint, folder or wrapper it came from (for messages).
+    :param inputs: the per-example input signature, when known (requests are validated
+        against it); empty: any dict is passed as sent.
+    :param outputs: the per-example output signature, when known.
+    :param load_seconds: how long loading and warm-up took.
+    """
+
+    #: a short name of the implementation, shown on the status page, in OIP metadata
+    #: (``platform``) and metrics; descriptive only, never branched on
+    kind: ClassVar[str] = "model"
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        inputs: Sequence[TensorSpec] = (),
+        outputs: Sequence[TensorSpec] = (),
+        load_seconds: float = 0.0,
+    ) -> None:
+        self.source = source
+        self.inputs: list[TensorSpec] = list(inputs)
+        self.outputs: list[TensorSpec] = list(outputs)
+        #: seconds loading and warm-up took (set by the loader)
+        self.load_seconds = load_seconds
+
+    @property
+    def pipe(self) -> ModelPipe | None:
+        """The pipe that computes this model's items, when it has one."""
+        return None
+
+    @property
+    def batches(self) -> bool:
+        """Whether items of concurrent requests are computed together (there is a pipe)."""
+        return self.pipe is not None
+
+    @property
+    def model_stage(self) -> str | None:
+        """The name of the pipe stage that runs the model itself (see ModelPipe.model_stage)."""
+        pipe = self.pipe
+        return None if pipe is None else pipe.model_stage
+
+    def start(self) -> None:
+        """Start whatever threads the model needs before the first request."""
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.start()
+
+    @abc.abstractmethod
+    def predict(self, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Predict every key of ``data``; the result has the same keys.
+
+        :param data: one request: key -> value (one task per key).
+        :param timeout: seconds the request may wait for its results.
+        :raises RequestFailed: with the status and per-key messages when any key fails.
+        """
+
+    def describe(self) -> str:
+        ins = ", ".join(s.describe() for s in self.inputs) or "any"
+        outs = ", ".join(s.describe() for s in self.outputs) or "any"
+        return f"{self.kind} model from {self.source}: inputs ({ins}) -> outputs ({outs})"
+
+    def close(self) -> None:
+        """Release the model (join the pipe's threads)."""
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.close()
+
+
+class PipeModel(Model):
+    """A model whose items are computed by a :class:`~studioserve.pipelines.ModelPipe`.
+
+    Used as is for a wrapper's ``create_model`` that returns a pipe, and as the base of the
+    checkpoint models, which build their pipe around the framework's batched call.
+
+    :param pipe: the pipe; this model owns it from now on (:meth:`close` closes it).
+    """
+
+    kind: ClassVar[str] = "pipe"
+
+    def __init__(
+        self,
+        pipe: ModelPipe,
+        *,
+        source: str,
+        inputs: Sequence[TensorSpec] = (),
+        outputs: Sequence[TensorSpec] = (),
+        load_seconds: float = 0.0,
+    ) -> None:
+        super().__init__(source=source, inputs=inputs, outputs=outputs, load_seconds=load_seconds)
+        self._pipe = pipe
+
+    @property
+    def pipe(self) -> ModelPipe:
+        return self._pipe
+
+    def predict(self, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        pipe = self._pipe
+        specs = self.inputs
+        items: dict[str, tuple[Any, bool]] = {}
+        bad: dict[str, PipelineError] = {}
+        for key, value in data.items():
+            try:
+                items[key] = check_example(key, specs, value)
+            except InvalidInput as e:
+                bad[key] = e
+        if bad:
+            raise _failure(bad, len(data))
+        deadline = time.monotonic() + timeout
+        futures: dict[str, Future[Any]] = {}
+        try:
+            for key, (item, _) in items.items():
+                futures[key] = pipe.submit(item, key=key, deadline=deadline)
+        except Overloaded as e:
+            for f in futures.values():
+                f.cancel()
+            raise RequestFailed(
+                f"the server is overloaded ({e}); retry after {e.retry_after:g}s",
+                status=503,
+                error_type="overloaded",
+                retry_after=e.retry_after,
+            ) from e
+        except PipelineError as e:
+            for f in futures.values():
+                f.cancel()
+            raise RequestFailed(str(e), status=e.http_status, error_type=e.error_type) from e
+        out: dict[str, Any] = {}
+        for key, fut in futures.items():
+            try:
+                result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                fut.cancel()
+                bad[key] = DeadlineExceeded(
+                    f"key {key!r}: no result within the request timeout of {timeout:g}s",
+                    key=key,
+                )
+                continue
+            except PipelineError as e:
+                bad[key] = e
+                continue
+            except Exception as e:  # a pipe bug; keep serving
+                logger.exception("key %r failed unexpectedly", key)
+                bad[key] = PipelineError(f"key {key!r}: {type(e).__name__}: {e}", key=key)
+                continue
+            out[key] = _unwrap(result) if items[key][1] else result
+        if bad:
+            raise _failure(bad, len(data))
+        return out
+
+
+def _failure(bad: dict[str, PipelineError], total: int) -> RequestFailed:
+    """One RequestFailed for the keys that failed: the most telling status, every message."""
+    statuses = {e.http_status for e in bad.values()}
+    status = next((s for s in _STATUS_ORDER if s in statuses), max(statuses))
+    first = next(e for e in bad.values() if e.http_status == status)
+    keys = {k: str(e) for k, e in bad.items()}
+    message = (
+        f"{len(bad)} of {total} key(s) failed: {first}" if len(bad) > 1 or total > 1 else str(first)
+    )
+    return RequestFailed(message, status=status, error_type=first.error_type, keys=keys)
+
+
+def _unwrap(result: Any) -> Any:
+    """The single row of a one-example result (arrays, lists or dicts of arrays)."""
+    if isinstance(result, dict):
+        return {k: _unwrap(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return type(result)(_unwrap(v) for v in result)
+    if isinstance(result, np.ndarray) and result.ndim >= 1 and result.shape[0] == 1:
+        return result[0]
+    return result

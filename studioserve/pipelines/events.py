@@ -1,0 +1,77 @@
+"""What a pipe lets you observe: the event a listener hears per batch, and stats snapshots.
+
+These are plain frozen records; nothing here runs or counts. The stage workers
+(:mod:`~studioserve.pipelines.stage`) emit :class:`BatchEvent`, and
+:meth:`~studioserve.pipelines.ModelPipe.stats` builds :class:`PipeStats` from their counters.
+The pipe's log records are observable too: every module of the package writes them to
+:data:`logger`, named ``studioserve.pipelines.pipe`` as it was before the package was split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+__all__ = ["BatchEvent", "PipeStats", "StageStats", "logger"]
+
+#: the logger of everything a pipe logs (its stages and Studio.ML's mode included)
+logger = logging.getLogger("studioserve.pipelines.pipe")
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """What a listener hears after every batch a stage ran (a non-batching stage: every item).
+
+    :ivar stage: the stage's name.
+    :ivar size: items in the batch.
+    :ivar rows: rows in the batch (see :mod:`~studioserve.pipelines.batching`).
+    :ivar queue_waits: seconds each item waited in the stage's queue.
+    :ivar compute_seconds: seconds the stage's function took for the whole batch.
+    :ivar ok: items that succeeded.
+    :ivar failed: items that failed (raised, expired, wrong output rows).
+    """
+
+    stage: str
+    size: int
+    rows: int
+    queue_waits: tuple[float, ...]
+    compute_seconds: float
+    ok: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """A snapshot of one stage's counters (totals since the pipe started) and its settings.
+
+    :ivar batch_sizes: histogram: rows per batch -> number of batches.
+    :ivar batch_limit: the current limit in rows (moves in adaptive mode).
+    :ivar max_delay: seconds a worker waits after the first queued item for more (0 for a
+        stage that does not batch).
+    :ivar preferred_batch_sizes: the batch sizes the stage cuts batches at when it can
+        (ascending; empty when none were given, or the stage does not batch).
+    """
+
+    name: str
+    workers: int
+    batching: bool
+    max_batch_size: int
+    batch_limit: int
+    items: int
+    batches: int
+    failures: int
+    batch_sizes: dict[int, int]
+    compute_seconds: float
+    queue_wait_seconds: float
+    queue_depth: int
+    max_delay: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipeStats:
+    """A snapshot of a pipe: per-stage counters (in pipe order) and the items in flight."""
+
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    in_flight: int = 0
+    accepted: int = 0

@@ -1,0 +1,157 @@
+"""The one request path: every inference request, whatever its transport and protocol.
+
+:meth:`RequestHandler.handle` does, in this order and nowhere else:
+
+1. ``protocol.resolve``: the model the URL names exists (OIP; 404 otherwise);
+2. the ready check (503 + Retry-After while loading or draining);
+3. the size limit on the declared length (413 before a byte is read), then reads the body;
+4. ``protocol.decode``: body to a request dict (400/415 for what cannot be decoded);
+5. :meth:`ModelService.predict <studioserve.serving.service.ModelService.predict>`, counted by
+   the service's :class:`~studioserve.serving.activity.Activity` (the inactivity timer);
+6. ``protocol.encode``: the result to the protocol's body;
+7. one ``on_request`` for the observers, with the status and the time taken.
+
+Errors become replies in one place per protocol (``protocol.error``: its status table and its
+error body). The transports (:mod:`studioserve.http.pickle_routes`'s WSGI fast path and Flask
+route, :mod:`studioserve.http.oip_routes`) only turn their request into an
+:class:`InferenceRequest` and a :class:`Reply` into their response.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import NotReady, StudioServeError, TooLarge
+from .observer import Observers
+from .service import ModelService
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InferenceRequest", "Protocol", "Reply", "RequestHandler"]
+
+_perf = time.perf_counter
+
+
+def _no_header(name: str) -> str | None:
+    return None
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One inference request, as the transport hands it over.
+
+    :param length: the declared body length (Content-Length), None when unknown (chunked).
+    :param read: reads the whole body; raises :class:`~studioserve.errors.TooLarge` when it
+        is over the limit.
+    :param header: a request header by its HTTP name (``"Content-Type"``), or None.
+    :param model: the model the URL names (OIP), if any.
+    :param version: the model version the URL names (OIP), if any.
+    """
+
+    length: int | None
+    read: Callable[[], bytes]
+    header: Callable[[str], str | None] = _no_header
+    model: str | None = None
+    version: str | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """What to answer: a status, headers and the body."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+
+class Protocol(abc.ABC):
+    """One wire protocol: how a request body becomes a request dict and back, and its errors.
+
+    Implementations: :class:`~studioserve.serving.protocols.PickleProtocol` (``POST /``) and
+    :class:`~studioserve.serving.protocols.OipProtocol` (the Open Inference Protocol).
+    """
+
+    #: the route label observers see (metrics: ``route``)
+    route: str = ""
+
+    def resolve(self, request: InferenceRequest) -> None:  # noqa: B027 - optional hook
+        """Check what the URL names; raise :class:`~studioserve.errors.ModelNotFound` if absent."""
+
+    @abc.abstractmethod
+    def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
+        """``(request dict, context for encode)``; the context may carry ``timeout``."""
+
+    @abc.abstractmethod
+    def encode(
+        self, result: dict[str, Any], context: Any, request: InferenceRequest
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """``(body, headers)`` of the answer to a request that succeeded."""
+
+    @abc.abstractmethod
+    def error(self, e: StudioServeError) -> Reply:
+        """The reply for an error: the protocol's status for it and its error body."""
+
+
+class RequestHandler:
+    """The request path for one protocol over one :class:`ModelService`.
+
+    :param service: the model service.
+    :param protocol: the wire protocol.
+    :param max_body: the largest body in bytes (413 above).
+    :param observers: told about every request answered.
+    """
+
+    def __init__(
+        self,
+        service: ModelService,
+        protocol: Protocol,
+        *,
+        max_body: int,
+        observers: Observers,
+    ) -> None:
+        self.service = service
+        self.protocol = protocol
+        self.max_body = max_body
+        self.observers = observers
+
+    def handle(self, request: InferenceRequest) -> Reply:
+        """Answer one inference request (never raises)."""
+        start = _perf()
+        try:
+            reply = self._handle(request)
+        except Exception as e:  # a bug in a codec or the model layer: keep serving
+            logger.exception("unexpected error in the %s request path", self.protocol.route)
+            reply = self.protocol.error(
+                StudioServeError(f"internal server error: {type(e).__name__}")
+            )
+        self.observers.on_request(self.protocol.route, reply.status, _perf() - start)
+        return reply
+
+    def _handle(self, request: InferenceRequest) -> Reply:
+        protocol = self.protocol
+        service = self.service
+        try:
+            protocol.resolve(request)
+            if not service.ready:
+                raise NotReady()
+            length = request.length
+            if length is not None and length > self.max_body:
+                raise TooLarge(self.max_body, length)
+            data, context = protocol.decode(request.read(), request)
+        except StudioServeError as e:
+            return protocol.error(e)
+        activity = service.activity
+        activity.begin()
+        try:
+            result = service.predict(data, timeout=getattr(context, "timeout", None))
+            payload, headers = protocol.encode(result, context, request)
+        except StudioServeError as e:
+            return protocol.error(e)
+        finally:
+            activity.end()
+        return Reply(200, headers, payload)

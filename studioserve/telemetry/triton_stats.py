@@ -1,0 +1,114 @@
+"""Triton's statistics extension (``/v2/models/{name}/stats``) as an observer.
+
+``success``/``fail`` count requests (every inference route, pickle and OIP alike) and their
+end-to-end time. ``queue`` and ``compute_infer`` count the items of the model stage: time in
+the stage's queue, and the compute time of the batch each ran in. ``inference_count`` is rows
+computed, ``execution_count`` model calls (batches). Models without a pipe count each
+successful request as one execution whose compute time is the request's time.
+``compute_input`` and ``compute_output`` are not measured separately (their time is 0; their
+counts follow ``compute_infer``, as perf_analyzer divides by them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..pipelines import BatchEvent
+from ..wire.oip_codec import VERSION
+
+__all__ = ["ModelStatistics"]
+
+
+class _Duration:
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+class ModelStatistics:
+    """Triton-style statistics for one model (see the module docstring).
+
+    :param model_stage: the pipe stage that runs the model (None: the model has no pipe).
+    """
+
+    def __init__(self, model_stage: str | None) -> None:
+        self.model_stage = model_stage
+        self._lock = threading.Lock()
+        self.success = _Duration()
+        self.fail = _Duration()
+        self.queue = _Duration()
+        self.compute_infer = _Duration()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.batches: dict[int, _Duration] = {}
+
+    def on_request(self, route: str, status: int, seconds: float) -> None:
+        if status == 404:  # asked for another model: not this one's failure
+            return
+        with self._lock:
+            self.last_inference_ms = int(time.time() * 1000)
+            if status == 200:
+                self.success.add(seconds)
+                if self.model_stage is None:
+                    self.inference_count += 1
+                    self.execution_count += 1
+                    self.compute_infer.add(seconds)
+                    self.batches.setdefault(1, _Duration()).add(seconds)
+            else:
+                self.fail.add(seconds)
+
+    def on_batch(self, event: BatchEvent) -> None:
+        if event.stage != self.model_stage:
+            return
+        waits: Sequence[float] = event.queue_waits
+        with self._lock:
+            self.queue.add(sum(waits), len(waits))
+            self.compute_infer.add(event.compute_seconds * event.size, event.size)
+            self.inference_count += event.rows
+            self.execution_count += 1
+            self.batches.setdefault(event.rows, _Duration()).add(event.compute_seconds)
+
+    def json(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            infer = self.compute_infer.json()
+            zero = {"count": infer["count"], "ns": 0}
+            return {
+                "name": name,
+                "version": VERSION,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": self.success.json(),
+                    "fail": self.fail.json(),
+                    "queue": self.queue.json(),
+                    "compute_input": dict(zero),
+                    "compute_infer": infer,
+                    "compute_output": dict(zero),
+                    "cache_hit": {"count": 0, "ns": 0},
+                    "cache_miss": {"count": 0, "ns": 0},
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": {"count": d.count, "ns": 0},
+                        "compute_infer": d.json(),
+                        "compute_output": {"count": d.count, "ns": 0},
+                    }
+                    for size, d in sorted(self.batches.items())
+                ],
+                "memory_usage": [],
+            }
