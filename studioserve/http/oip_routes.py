@@ -24,13 +24,11 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Blueprint, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Blueprint, Response
 
-from ..errors import ModelNotFound, NotReady, TooLarge
-from ..serving.inference import InferenceRequest
+from ..errors import ModelNotFound, NotReady
 from . import oip_documents
-from .responses import oip_error_response, reply_response
+from .responses import inference_request, oip_error_response, reply_response
 from .state import current_state
 
 __all__ = ["blueprint"]
@@ -128,15 +126,7 @@ def model_stats(name: str | None = None, version: str | None = None) -> Response
 @_route("/models/<name>/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
     state = current_state()
-
-    def read() -> bytes:
-        try:
-            return request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise TooLarge(state.max_body) from None
-
-    req = InferenceRequest(request.content_length, read, request.headers.get, name, version)
-    return reply_response(state.oip.handle(req))
+    return reply_response(state.oip.handle(inference_request(state.max_body, name, version)))
 
 
 def not_found(path: str) -> Response:

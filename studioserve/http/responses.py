@@ -1,16 +1,33 @@
-"""Flask responses for the two error bodies, and a :class:`~studioserve.serving.inference.Reply`
-as a Flask response."""
+"""Between Flask and the request path: Flask's request as an
+:class:`~studioserve.serving.inference.InferenceRequest`, a
+:class:`~studioserve.serving.inference.Reply` as a Flask response, and the two error bodies."""
 
 from __future__ import annotations
 
 import json
 
-from flask import Response
+from flask import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import wire
-from ..serving.inference import Reply
+from ..errors import TooLarge
+from ..serving.inference import InferenceRequest, Reply
 
-__all__ = ["error_response", "oip_error_response", "reply_response"]
+__all__ = ["error_response", "inference_request", "oip_error_response", "reply_response"]
+
+
+def inference_request(
+    max_body: int, model: str | None = None, version: str | None = None
+) -> InferenceRequest:
+    """Flask's current request for the request path (its body read once, within ``max_body``)."""
+
+    def read() -> bytes:
+        try:
+            return request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise TooLarge(max_body) from None
+
+    return InferenceRequest(request.content_length, read, request.headers.get, model, version)
 
 
 def error_response(
