@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..errors import RequestFailed
+from ..errors import RequestFailed, TooLarge
 
 __all__ = [
     "CONFIG_TYPES",
@@ -511,7 +511,8 @@ def decompress(body: bytes, encoding: str, limit: int | None) -> bytes:
     """A ``Content-Encoding: gzip`` or ``deflate`` body, decompressed.
 
     :param limit: the most bytes it may expand to (None: no limit).
-    :raises RequestFailed: (400) for another encoding or damaged data, (413) past ``limit``.
+    :raises RequestFailed: (400) for another encoding or damaged data.
+    :raises TooLarge: (413) when it expands past ``limit``.
     """
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
@@ -522,9 +523,5 @@ def decompress(body: bytes, encoding: str, limit: int | None) -> bytes:
     except zlib.error as e:
         raise bad_request(f"cannot decompress the {encoding} body: {e}") from None
     if d.unconsumed_tail:
-        raise RequestFailed(
-            f"the decompressed request is larger than the limit of {limit} bytes",
-            status=413,
-            error_type="too_large",
-        )
+        raise TooLarge(limit or 0, what="the decompressed request")
     return out

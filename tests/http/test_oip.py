@@ -7,6 +7,7 @@ import gzip
 import json
 import pickle
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -647,3 +648,18 @@ def test_health_probes_need_no_token() -> None:
             assert c.is_server_ready()
         finally:
             c.close()
+
+
+def test_unknown_v2_routes_answer_in_the_oip_error_body(
+    tiny: Any, client: triton.InferenceServerClient
+) -> None:
+    """tritonclient formats any /v2 error from ``{"error": "message"}``; unknown routes too."""
+    status, _, body = raw_post(tiny.url, b"{}", path="/v2/repository/index")
+    assert status == 404
+    assert json.loads(body) == {
+        "error": "no such route '/v2/repository/index' in the Open Inference Protocol"
+    }
+    with pytest.raises(InferenceServerException, match="no such route"):
+        client.get_model_repository_index()
+    with urllib.request.urlopen(tiny.url + "/v2/models/tiny/stats") as resp:
+        assert json.loads(resp.read())["model_stats"][0]["name"] == "tiny"
