@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: venv test lint typecheck pytest demo bench clean
+.PHONY: venv test lint typecheck pytest demo bench fuzz clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/bench_pipe.py
 	$(BIN)/python bench/bench_server.py
+
+# The decoder fuzzing suite's long run (tests/wire/test_fuzz_decoders.py; `make test` runs it short).
+fuzz: venv
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/wire/test_fuzz_decoders.py -q -p no:cacheprovider --timeout=0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,8 +6,10 @@ light so that it does not compete with the server for the machine's two cores.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -452,3 +454,323 @@ def python_env(extra_path: Sequence[Path] = ()) -> dict[str, str]:
         "TF_ENABLE_ONEDNN_OPTS": "0",
         "PYTHONPATH": os.pathsep.join(paths),
     }
+
+
+# -- setup helpers -------------------------------------------------------------------------------
+
+
+def studio_command(studio_cmd: str | None = None) -> list[str]:
+    """The command that runs ``studio``: ``studio_cmd`` split like a shell line, else the
+    studio script next to this Python (else ``python -m studioserve``)."""
+    if studio_cmd:
+        import shlex
+
+        return shlex.split(studio_cmd)
+    script = Path(sys.executable).with_name("studio")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "studioserve"]
+
+
+def add_experiment(
+    studio: Sequence[str], store: Path, key: str, folder: Path, framework: str
+) -> None:
+    """``studio experiments add KEY FOLDER --store STORE --framework FW`` (as a user would)."""
+    subprocess.run(
+        [*studio, "experiments", "add", key, str(folder), "--store", str(store)]
+        + ["--framework", framework, "--quiet"],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, **python_env()),
+    )
+
+
+def serve_arg_value(serve_args: Sequence[str], option: str) -> str | None:
+    """The value given to ``option`` in pass-through ``studio serve`` arguments (the last one,
+    as click takes it): ``--opt=V`` or ``--opt V``; None when absent."""
+    found = None
+    for i, arg in enumerate(serve_args):
+        if arg.startswith(option + "="):
+            found = arg[len(option) + 1 :]
+        elif arg == option and i + 1 < len(serve_args):
+            found = serve_args[i + 1]
+    return found
+
+
+# -- the server's memory -------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size (VmRSS) of process ``pid`` in bytes; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+MIB = 1 << 20
+
+
+class RssSampler:
+    """Samples a process's RSS in a background thread, keeps the peak, and guards the machine.
+
+    Every ``every`` seconds it records ``(seconds since start, rss bytes)``; it checks the
+    guard ten times as often. Above ``guard_bytes`` it kills the process's group with SIGKILL
+    (the benchmark's hostile inputs may make a server allocate without bound; on a shared
+    machine that must not become the kernel's OOM killer's problem) and sets ``guard_tripped``.
+    """
+
+    def __init__(self, pid: int, *, every: float = 1.0, guard_bytes: int = 0) -> None:
+        self.pid = pid
+        self.every = every
+        self.guard_bytes = guard_bytes
+        self.samples: list[tuple[float, int]] = []
+        self.peak = 0
+        self.guard_tripped: tuple[float, int] | None = None
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._window_peak = 0
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def start(self) -> RssSampler:
+        self.t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        tick = max(0.02, self.every / 10)
+        next_record = time.monotonic()
+        while not self._stop.is_set():
+            rss = rss_bytes(self.pid)
+            now = time.monotonic()
+            with self._lock:
+                self.peak = max(self.peak, rss)
+                self._window_peak = max(self._window_peak, rss)
+                if now >= next_record and rss:
+                    self.samples.append((now - self.t0, rss))
+                    next_record = now + self.every
+            if self.guard_bytes and rss > self.guard_bytes and self.guard_tripped is None:
+                self.guard_tripped = (now - self.t0, rss)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            self._stop.wait(tick)
+
+    def take_window_peak(self) -> int:
+        """The peak since the last call (and the current RSS), then start a new window."""
+        with self._lock:
+            peak = max(self._window_peak, rss_bytes(self.pid))
+            self._window_peak = 0
+            return peak
+
+    def at(self, seconds: float) -> int:
+        """The recorded sample nearest to ``seconds`` after :meth:`start` (0 if none)."""
+        with self._lock:
+            if not self.samples:
+                return 0
+            return min(self.samples, key=lambda s: abs(s[0] - seconds))[1]
+
+    def low_before(self, seconds: float, window: float) -> int:
+        """The smallest sample recorded in ``[seconds - window, seconds]`` after :meth:`start`,
+        the current RSS included when ``seconds`` is now (0 if there is none): a level that
+        one request's short-lived buffer does not decide."""
+        now = time.monotonic() - self.t0
+        with self._lock:
+            vals = [rss for t, rss in self.samples if seconds - window <= t <= seconds + 0.5]
+        if abs(now - seconds) < 1.0:
+            current = rss_bytes(self.pid)
+            if current:
+                vals.append(current)
+        return min(vals, default=0)
+
+    def last(self) -> int:
+        with self._lock:
+            return self.samples[-1][1] if self.samples else 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, nearest rank; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(q / 100.0 * len(ordered))))
+    return ordered[rank - 1]
+
+
+# -- a small asyncio HTTP/1.1 client -------------------------------------------------------------
+
+
+@dataclass
+class HttpResult:
+    """One request's outcome: ``status`` 0 means no response (see ``error``)."""
+
+    status: int
+    seconds: float
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    #: "" or what went wrong: "connect", "reset", "eof", "timeout", "bad-response"
+    error: str = ""
+
+
+_UPLOAD_GRACE = 3.0  # seconds to wait for the answer after the server stopped reading a body
+
+
+class AsyncHttpConnection:
+    """One keep-alive HTTP/1.1 connection to ``host:port`` on an asyncio loop.
+
+    :meth:`request` reconnects when needed: after a ``Connection: close`` answer, an error or a
+    timeout, the next request opens a new connection. Bodies are sent with Content-Length, or
+    chunked from an iterable of chunks; while a large or chunked body is being sent the answer
+    is read at the same time, so a server that answers early (413) and stops reading is seen
+    answering, not just as a reset.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: Any = None
+        self.writer: Any = None
+        self.connects = 0
+
+    async def close(self) -> None:
+        writer, self.reader, self.writer = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        *,
+        chunks: Iterable[bytes] | None = None,
+        timeout: float = 30.0,
+    ) -> HttpResult:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                if self.writer is None:
+                    try:
+                        self.reader, self.writer = await asyncio.open_connection(
+                            self.host, self.port
+                        )
+                    except OSError:
+                        return HttpResult(0, time.perf_counter() - t0, error="connect")
+                    self.connects += 1
+                    sock = self.writer.get_extra_info("socket")
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+                head += [f"{k}: {v}" for k, v in headers]
+                if chunks is not None:
+                    head.append("Transfer-Encoding: chunked")
+                elif body or method in ("POST", "PUT"):
+                    head.append(f"Content-Length: {len(body)}")
+                raw_head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+                status, hdrs, data, keep = await self._exchange(raw_head, body, chunks)
+        except TimeoutError:
+            await self.close()
+            return HttpResult(0, time.perf_counter() - t0, error="timeout")
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            await self.close()
+            kind = "eof" if isinstance(e, asyncio.IncompleteReadError) else "reset"
+            return HttpResult(0, time.perf_counter() - t0, error=kind)
+        except (ValueError, asyncio.LimitOverrunError):
+            await self.close()
+            return HttpResult(0, time.perf_counter() - t0, error="bad-response")
+        if not keep:
+            await self.close()
+        return HttpResult(status, time.perf_counter() - t0, data, hdrs)
+
+    async def _exchange(
+        self, raw_head: bytes, body: bytes, chunks: Iterable[bytes] | None
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        writer = self.writer
+        if chunks is None and len(body) < (256 << 10):
+            writer.write(raw_head + body)
+            await writer.drain()
+            return await self._read_response()
+
+        async def send() -> None:
+            writer.write(raw_head)
+            if chunks is None:
+                writer.write(body)
+            else:
+                for chunk in chunks:
+                    writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        reader = asyncio.ensure_future(self._read_response())
+        try:
+            await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                if sender.exception() is None:
+                    return await reader
+                # the server stopped reading (it may have answered and closed): a short grace
+                await asyncio.wait({reader}, timeout=_UPLOAD_GRACE)
+                if not reader.done():
+                    raise sender.exception()  # type: ignore[misc]
+            status, hdrs, data, keep = reader.result()
+            if not sender.done() or sender.exception() is not None:
+                keep = False  # answered before the body was all sent: the connection is spent
+            return status, hdrs, data, keep
+        finally:
+            for task in (sender, reader):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                elif not task.cancelled():
+                    task.exception()  # retrieved: no "never retrieved" warning
+
+    async def _read_response(self) -> tuple[int, dict[str, str], bytes, bool]:
+        reader = self.reader
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+            status = int(parts[1])
+            hdrs: dict[str, str] = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    hdrs[k.strip().lower()] = v.strip()
+            if status != 100:
+                break
+        keep = "close" not in hdrs.get("connection", "").lower() and parts[0] != "HTTP/1.0"
+        if "chunked" in hdrs.get("transfer-encoding", "").lower():
+            out = bytearray()
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass
+                    break
+                out += await reader.readexactly(size)
+                await reader.readexactly(2)
+            data = bytes(out)
+        elif "content-length" in hdrs:
+            data = await reader.readexactly(int(hdrs["content-length"]))
+        elif status in (204, 304):
+            data = b""
+        else:
+            data = await reader.read()
+            keep = False
+        return status, hdrs, data, keep

@@ -331,6 +331,22 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Seconds a request may wait for its result (then 504).",
 )
 @click.option(
+    "--max-keys",
+    type=click.IntRange(min=1),
+    default=_default("max_keys"),
+    show_default=True,
+    help="Most keys (JSON object members, dict entries) one request body may carry (more: 413).",
+)
+@click.option(
+    "--max-queue-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("max_queue_ms"),
+    show_default="auto",
+    help="Shed load: answer 503 + Retry-After at once when the work queued ahead of a request "
+    "would keep it waiting longer than this (default: a quarter of --request-timeout, at most "
+    "1000). Concurrent inference requests are also capped at --threads minus an eighth.",
+)
+@click.option(
     "--http-server",
     type=click.Choice(["granian", "waitress"]),
     default=_default("http_server"),

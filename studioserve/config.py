@@ -24,6 +24,8 @@ DEFAULT_MAX_BATCH_SIZE = 128
 DEFAULT_QUEUE_SIZE = 4096
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_HTTP_SERVER = "granian"
+#: the most keys (JSON object members, pickle dict entries) one request body may carry
+DEFAULT_MAX_KEYS = 4096
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "ip6-localhost"})
 
 
@@ -100,6 +102,10 @@ class ServeConfig:
     :param threads: HTTP worker threads.
     :param queue_size: the pipe's input queue bound (beyond it: 503).
     :param request_timeout: seconds a request may wait for its result (then 504).
+    :param max_queue_ms: shed load: refuse a request at once (503 + Retry-After) when the work
+        queued ahead of it would keep it waiting longer than this; None: a quarter of
+        ``request_timeout``, at most 1000 ms.
+    :param max_keys: the most keys (JSON object members) one request body may carry.
     :param http_server: the WSGI server, ``"granian"`` or ``"waitress"`` (``studio serve
         --http-server``; :func:`studioserve.serve` takes it as its ``http_server`` argument).
     :param refresh: ignore the local cache of a remote store.
@@ -121,6 +127,8 @@ class ServeConfig:
     threads: int = 32
     queue_size: int = DEFAULT_QUEUE_SIZE
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_queue_ms: float | None = None
+    max_keys: int = DEFAULT_MAX_KEYS
     http_server: str = DEFAULT_HTTP_SERVER
     refresh: bool = False
     quiet: bool = False
@@ -139,6 +147,10 @@ class ServeConfig:
             raise ConfigError("--max-body must be >= 1 byte")
         if self.threads < 1:
             raise ConfigError("--threads must be >= 1")
+        if self.max_keys < 1:
+            raise ConfigError("--max-keys must be >= 1")
+        if self.max_queue_ms is not None and self.max_queue_ms <= 0:
+            raise ConfigError("--max-queue-ms must be > 0 (leave it out for the automatic bound)")
 
     @property
     def auth_enabled(self) -> bool:

@@ -19,11 +19,15 @@ The tree::
     │   ├── BatchSizeMismatch        a batched function returned the wrong number of rows
     │   ├── ItemFiltered             a stage's ``filterf`` dropped the item
     │   ├── Overloaded               the input queue is full: HTTP 503 + Retry-After
+    │   │   └── Saturated            refused at admission (server saturated): 503 + Retry-After
     │   ├── DeadlineExceeded         the item's deadline passed before it ran: HTTP 504
     │   └── PipeClosed               ``submit`` after ``close()``
     ├── RequestFailed                one request's failure, with per-key messages and a status
     ├── WireError                    a request body that cannot be decoded: HTTP 400
     │   ├── TooLarge                 a body over --max-body (raw or decompressed): HTTP 413
+    │   │   └── DecodedTooLarge      a body that would build more than its decode budget: HTTP 413
+    │   │       └── PickleTooLarge   a pickle over its budget (also an UnsafePickle): HTTP 413
+    │   ├── TooManyKeys              a body with more dict keys than --max-keys: HTTP 413
     │   ├── UnsafePickle             a pickle that names a forbidden global
     │   ├── UnsupportedMediaType     a Content-Type the server does not decode: HTTP 415
     │   ├── NotAcceptable            the Accept'ed format cannot carry this response: HTTP 406
@@ -181,6 +185,23 @@ class Overloaded(PipelineError):
         self.retry_after = retry_after
 
 
+class Saturated(Overloaded):
+    """The server is saturated: a request refused at admission, before its body was read.
+
+    Raised by :class:`studioserve.serving.admission.AdmissionController` when as many
+    inference requests are in flight as it admits, when the work queued ahead of a new request
+    would keep it waiting longer than the bounded queue time, or when the pipe's queue is full.
+    Same status and type as :class:`Overloaded` (503, ``overloaded``), so clients handle one
+    error; ``retry_after`` (seconds, at least 1) comes from the measured backlog.
+
+    :param reason: which limit refused it: ``"in_flight"``, ``"queue_time"`` or ``"queue_full"``.
+    """
+
+    def __init__(self, message: str, *, reason: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.reason = reason
+
+
 class DeadlineExceeded(PipelineError):
     """The item's deadline passed before it could be computed."""
 
@@ -248,10 +269,52 @@ class TooLarge(WireError):
         self.length = length
 
 
+class DecodedTooLarge(TooLarge):
+    """A body within ``--max-body`` that would build more than its decode budget (the memory a
+    body of its size may make the decoders allocate; see :mod:`studioserve.wire.budget`).
+
+    :param message: what would be built and the budget it exceeds (the wire layer writes it).
+    :param limit: the budget in bytes.
+    :param length: the body's size in bytes.
+    """
+
+    def __init__(self, message: str, *, limit: int, length: int | None = None) -> None:
+        WireError.__init__(self, message)
+        self.limit = limit
+        self.length = length
+
+
+class TooManyKeys(WireError):
+    """A body whose dicts hold more keys than the server's limit (``--max-keys``).
+
+    :param limit: the limit.
+    :param count: how many keys the body has, when counted (None: more than the limit).
+    :param what: what holds them ("the request", "the npz body", ...).
+    """
+
+    http_status = 413
+    error_type = "too_many_keys"
+
+    def __init__(self, limit: int, count: int | None = None, what: str = "the request") -> None:
+        has = f"{count} keys" if count is not None else f"more than {limit} keys"
+        super().__init__(
+            f"{what} has {has}, more than the limit of {limit}; send fewer keys per request "
+            "(a key may hold many examples) or start the server with a larger --max-keys"
+        )
+        self.limit = limit
+        self.count = count
+
+
 class UnsafePickle(WireError):
     """A pickle that asks for a global outside the allowed numpy/builtin set."""
 
     error_type = "unsafe_pickle"
+
+
+class PickleTooLarge(DecodedTooLarge, UnsafePickle):
+    """A pickle that would build more than its decode budget: more objects than its opcodes
+    may make, or our numpy and builtin stand-ins called again and again to copy one memoized
+    value. Both a :class:`DecodedTooLarge` (HTTP 413) and an :class:`UnsafePickle`."""
 
 
 class UnsupportedMediaType(WireError):

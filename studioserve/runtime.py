@@ -6,7 +6,9 @@
 The inactivity timer (``--killafter``) restarts on every accepted inference request only, not
 on probes, metrics, the status page or requests refused for auth. When it fires, or on
 SIGTERM/SIGINT, the server stops accepting inference requests (503), finishes the ones in
-flight, stops listening, closes the pipe and exits 0.
+flight, answers every request with ``Connection: close`` for a short grace (so keep-alive
+clients move off their connections before they are closed), stops listening, closes the pipe
+and exits 0.
 
 HTTP is served by granian's Rust HTTP stack through its WSGI interface, embedded in this
 process (so the model and its batching pipe are shared by every request); waitress is the
@@ -28,16 +30,22 @@ from types import FrameType
 from typing import Any
 
 from .config import ServeConfig, resolve_store_url
-from .http.app import create_app
+from .http.app import create_app, drain_of
 from .http.servers import HttpServer, make_http_server, url_for
 from .http.state import AppState, ServerInfo, state_of
 from .models import Model, load_model
+from .serving.admission import default_max_in_flight
 from .serving.service import ModelService
 from .store import open_store
 
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
+#: at most this many seconds after a drain begins, the HTTP server stops (in-flight aside) ...
+DRAIN_GRACE = 3.0
+#: ... or sooner, once no request arrived for this long (a client's next request on a
+#: kept-alive connection comes one round trip after the answer to its last)
+DRAIN_QUIET = 1.0
 SUMMARY_INTERVAL = 60.0
 
 
@@ -96,6 +104,9 @@ class ModelServer:
                     killafter_seconds=cfg.killafter,
                     auth=self.token is not None,
                 ),
+                max_queue_time=None if cfg.max_queue_ms is None else cfg.max_queue_ms / 1000.0,
+                max_in_flight=default_max_in_flight(cfg.threads),
+                max_keys=cfg.max_keys,
             )
             state_of(self.app).shutdown_at = self.shutdown_at
             self.http = make_http_server(
@@ -183,15 +194,29 @@ class ModelServer:
         return self._stop.wait(timeout)
 
     def close(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
-        """Stop accepting, finish in-flight requests, stop listening, close the pipe."""
+        """Drain: refuse new inference requests (503), finish the ones in flight, give
+        keep-alive clients a grace to notice, stop listening, close the pipe.
+
+        From the first moment of the drain every response carries ``Connection: close``, so
+        clients stop reusing their connections; the HTTP server stops only once no request
+        arrived for :data:`DRAIN_QUIET` seconds, or :data:`DRAIN_GRACE` seconds after the drain
+        began (in-flight requests always finish first, up to ``drain_timeout``). A request
+        sent on a kept-alive connection just before the stop so gets an answer (503 and
+        ``Connection: close``) instead of a closed socket.
+        """
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         service = self.service
         if service is not None:
+            service.draining = True
             service.ready = False
-            deadline = time.monotonic() + drain_timeout
+            began = time.monotonic()
+            drain = drain_of(self.app) if self.app is not None else None
+            if drain is not None:
+                drain.start()
+            deadline = began + drain_timeout
             while service.activity.in_flight and time.monotonic() < deadline:
                 time.sleep(0.01)
             if service.activity.in_flight:
@@ -200,6 +225,10 @@ class ModelServer:
                     service.activity.in_flight,
                     drain_timeout,
                 )
+            if drain is not None and self.http is not None:
+                grace_end = began + DRAIN_GRACE
+                while drain.quiet_seconds() < DRAIN_QUIET and time.monotonic() < grace_end:
+                    time.sleep(0.01)
         if self.http is not None:
             self.http.stop()
         if self._watcher is not None:

@@ -89,14 +89,34 @@ def converts_safely(got: np.dtype[Any], want: np.dtype[Any]) -> bool:
     return got.kind in _ACCEPTED_KINDS.get(want.kind, want.kind)
 
 
+def _holds_text(value: Any) -> bool:
+    """Whether nested lists or tuples hold a str or bytes anywhere: numpy would turn every
+    other element into a string as long as the longest one (``[0] * 10**6 + ["x" * 10**5]``
+    asks for 400 GB)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, (str, bytes, bytearray)):
+            return True
+    return False
+
+
 def as_numeric_array(key: str, value: Any) -> np.ndarray[Any, Any]:
     """``value`` as a numeric or bool array.
 
     :raises InvalidInput: when it is not one (ragged lists, strings, objects).
     """
+    if isinstance(value, (list, tuple)) and _holds_text(value):
+        raise InvalidInput(
+            f"key {key!r}: expected a numeric or bool array, got a list holding strings",
+            key=key,
+            stage="validate",
+        )
     try:
         arr = np.asarray(value)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise InvalidInput(f"key {key!r}: not an array: {e}", key=key, stage="validate") from e
     if arr.dtype.kind not in "biufc":
         raise InvalidInput(
@@ -122,7 +142,15 @@ def check_dtype(key: str, spec: TensorSpec, arr: np.ndarray[Any, Any]) -> np.nda
             key=key,
             stage="validate",
         )
-    return arr.astype(want, copy=False)
+    try:
+        return arr.astype(want, copy=False)
+    except ValueError as e:  # an empty array whose other dimensions numpy cannot address
+        raise InvalidInput(
+            f"key {key!r}: input {spec.name!r} cannot take an array of shape {arr.shape} as "
+            f"{want.name}: {e}",
+            key=key,
+            stage="validate",
+        ) from None
 
 
 def _fits(want: tuple[int | None, ...], shape: tuple[int, ...]) -> bool:

@@ -29,12 +29,23 @@ def running_server(
     *,
     model: Model | None = None,
     http_server: str = "granian",
+    max_in_flight: int | None = None,
+    max_queue_time: float | None = None,
     **config: Any,
 ) -> Iterator[ModelServer]:
-    """A real studioserve server on 127.0.0.1, an ephemeral port, stopped and joined after."""
+    """A real studioserve server on 127.0.0.1, an ephemeral port, stopped and joined after.
+
+    ``max_in_flight`` and ``max_queue_time`` set the admission controller's limits
+    (:mod:`studioserve.serving.admission`) once the server is built, before any request.
+    """
     cfg = ServeConfig(key=key, port=0, killafter=config.pop("killafter", 0), **config)
     server = ModelServer(cfg, model=model, http_server=http_server)
     server.start()
+    admission = server.state.admission
+    if max_in_flight is not None:
+        admission.max_in_flight = max_in_flight
+    if max_queue_time is not None:
+        admission.max_queue_time = max_queue_time
     try:
         yield server
     finally:

@@ -5,6 +5,9 @@ Protocol under ``/v2`` (:mod:`.oip_routes`), ``GET /healthz``, ``GET /readyz``,
 ``GET /metrics`` (Prometheus, when installed) and ``GET /`` (a status page for people, JSON for
 programs, :mod:`.status`). Errors are JSON: ``{"error": {"type", "message", "keys"}}``, and
 ``{"error": "message"}`` on every /v2 route.
+
+During a drain (:func:`drain_of`, started by :meth:`studioserve.runtime.ModelServer.close`)
+every response, on every route, carries ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from ..errors import NotReady, TooLarge
+from ..config import DEFAULT_MAX_BODY, DEFAULT_MAX_KEYS
+from ..errors import TooLarge
 from ..serving.service import ModelService
 from . import oip_routes, pickle_routes
 from .responses import error_response, oip_error_response, reply_response
@@ -23,7 +27,9 @@ from .status import render_sign_in, render_status, wants_html
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PUBLIC_PATHS", "create_app"]
+__all__ = ["PUBLIC_PATHS", "create_app", "drain_of"]
+
+_DRAIN = "studioserve.drain"
 
 #: Routes that never need the token (probes must work without secrets).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -38,8 +44,11 @@ def create_app(
     service: ModelService,
     *,
     token: str | None = None,
-    max_body: int = 64 * 1024 * 1024,
+    max_body: int = DEFAULT_MAX_BODY,
     info: ServerInfo | None = None,
+    max_queue_time: float | None = None,
+    max_in_flight: int | None = None,
+    max_keys: int = DEFAULT_MAX_KEYS,
 ) -> Flask:
     """Build the Flask app serving ``service``.
 
@@ -47,10 +56,22 @@ def create_app(
     :param token: the bearer token required on every route but the probes; None: no auth.
     :param max_body: the largest request body in bytes; larger bodies get 413.
     :param info: facts shown on the status page and in OIP metadata.
+    :param max_queue_time: seconds of queued work ahead of a request above which it is refused
+        with 503 at once (None: a quarter of the request timeout, at most 1 s).
+    :param max_in_flight: the most concurrent inference requests (None: no cap but the pipe's).
+    :param max_keys: the most keys one request body may carry; more get 413.
     """
     app = Flask("studioserve", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max_body
-    state = AppState(service, token, info or ServerInfo(), max_body=max_body)
+    state = AppState(
+        service,
+        token,
+        info or ServerInfo(),
+        max_body=max_body,
+        max_queue_time=max_queue_time,
+        max_in_flight=max_in_flight,
+        max_keys=max_keys,
+    )
     attach_state(app, state)
     app.before_request(_auth)
     app.after_request(_log)
@@ -63,8 +84,16 @@ def create_app(
     app.register_blueprint(oip_routes.blueprint)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
-    app.wsgi_app = pickle_routes.FastPredict(app.wsgi_app, state)  # type: ignore[method-assign]
+    drain = pickle_routes.Drain()
+    app.extensions[_DRAIN] = drain
+    app.wsgi_app = pickle_routes.FastPredict(app.wsgi_app, state, drain)  # type: ignore[method-assign]
     return app
+
+
+def drain_of(app: Flask) -> pickle_routes.Drain:
+    """The app's :class:`~studioserve.http.pickle_routes.Drain` (start it to drain)."""
+    drain: pickle_routes.Drain = app.extensions[_DRAIN]
+    return drain
 
 
 def _auth() -> Response | None:
@@ -103,7 +132,7 @@ def _readyz() -> Response:
     state = current_state()
     if state.service.ready:
         return Response('{"status": "ready"}', mimetype="application/json")
-    return reply_response(state.pickle.protocol.error(NotReady()))
+    return reply_response(state.pickle.protocol.error(state.service.not_ready()))
 
 
 def _status() -> Response:

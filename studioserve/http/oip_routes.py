@@ -28,7 +28,7 @@ from flask import Blueprint, Response
 
 from ..errors import ModelNotFound, NotReady
 from . import oip_documents
-from .responses import inference_request, oip_error_response, reply_response
+from .responses import answer, oip_error_response, reply_response
 from .state import current_state
 
 __all__ = ["blueprint"]
@@ -83,7 +83,7 @@ def live() -> Response:
 @_route("/health/ready")
 def ready() -> Response:
     if not current_state().service.ready:
-        return _error(NotReady())
+        return _error(current_state().service.not_ready())
     return _reply({"ready": True})
 
 
@@ -104,7 +104,7 @@ def model_ready(name: str, version: str | None = None) -> Response:
     if bad is not None:
         return bad
     if not state.service.ready:
-        return _error(NotReady())
+        return _error(current_state().service.not_ready())
     return _reply({"name": state.info.experiment, "ready": True})
 
 
@@ -126,7 +126,7 @@ def model_stats(name: str | None = None, version: str | None = None) -> Response
 @_route("/models/<name>/infer", "POST")
 def infer(name: str, version: str | None = None) -> Response:
     state = current_state()
-    return reply_response(state.oip.handle(inference_request(state.max_body, name, version)))
+    return answer(state.oip, state.max_body, name, version)
 
 
 def not_found(path: str) -> Response:

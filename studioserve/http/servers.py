@@ -15,6 +15,11 @@ skips its ``_check_gil`` (which refuses GIL builds), and runs ``startup`` with
 ``granian.server.common.set_main_signals`` replaced by a no-op; :meth:`GranianServer.stop` calls
 ``signal_handler_interrupt`` as a signal would.
 
+**Ports.** Every bind sets ``SO_REUSEADDR`` (granian's and waitress's own listeners, and
+:func:`_probe_port`), so a restarted server binds a port whose old connections sit in
+TIME-WAIT; none of ours sets ``SO_REUSEPORT`` (granian's listener does: the probe keeps a
+second server off a port a first one listens on).
+
 **The pin.** Those are private names, so pyproject.toml pins granian to the minor series this
 was tested with (:data:`GRANIAN_TESTED`).
 
@@ -74,10 +79,17 @@ def _port_error(host: str, port: int, e: OSError) -> ConfigError:
 def _probe_port(host: str, port: int) -> int:
     """Check that ``host:port`` can be bound and return the port (0: a free one).
 
+    Binds with ``SO_REUSEADDR``, as granian's listener does (and waitress's, and every
+    production server's): the connections of a server that just stopped wait in TIME-WAIT on
+    its port for a minute, which must not keep the next server off it. Never ``SO_REUSEPORT``:
+    granian sets that on its own listener, so this probe is what keeps a second server off a
+    port a listening one holds (Linux refuses this bind while any socket listens there).
+
     :raises ConfigError: when it cannot be bound (in use, no such address).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -143,6 +155,11 @@ class GranianServer:
         _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
 
     def stop(self) -> None:
+        """Stop as SIGTERM stops granian: it stops listening, finishes the responses in
+        progress (adding ``Connection: close``) and closes every idle kept-alive connection at
+        once, so a request a client sends on one at that instant gets no answer (measured:
+        11-21 of ~2,000 under 32 keep-alive clients); :meth:`ModelServer.close
+        <studioserve.runtime.ModelServer.close>`'s drain grace is what prevents that."""
         if self._server is not None:
             self._server.signal_handler_interrupt()
         if self._thread is not None:
@@ -266,8 +283,61 @@ def _embedded_granian() -> Any:
         return _Embedded
 
 
+#: the environ key where :func:`_waitress_app` notes that the app asked to close the connection
+_CLOSE_KEY = "studioserve.connection_close"
+
+
+def _waitress_app(app: Any) -> Callable[[dict[str, Any], Any], Any]:
+    """``app`` as waitress may run it: a ``Connection`` response header is taken out.
+
+    waitress refuses hop-by-hop headers from the app (PEP 3333: 500 instead), while granian
+    passes ``Connection: close`` on and closes after the response (what the drain relies on,
+    :class:`studioserve.http.pickle_routes.Drain`). So the header becomes a note in the
+    environ, which :func:`_waitress_channel`'s task turns into waitress's own close.
+    """
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
+        def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            kept = [h for h in headers if h[0].lower() != "connection"]
+            if len(kept) != len(headers):
+                if any(h[0].lower() == "connection" and h[1].lower() == "close" for h in headers):
+                    environ[_CLOSE_KEY] = True
+                headers = kept
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        return app(environ, respond)
+
+    return wsgi
+
+
+def _waitress_channel() -> type:
+    """waitress's channel class with a task that closes the connection when the app asked."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import WSGITask
+
+    class _Task(WSGITask):  # type: ignore[misc]
+        def build_response_header(self) -> bytes:
+            environ = getattr(self, "environ", None)
+            if environ is not None and environ.get(_CLOSE_KEY):
+                self.set_close_on_finish()  # adds "Connection: close"; closes once flushed
+            return super().build_response_header()  # type: ignore[no-any-return]
+
+    class _Channel(HTTPChannel):  # type: ignore[misc]
+        task_class = _Task
+
+    return _Channel
+
+
 class WaitressServer:
-    """waitress, pure Python, in this process."""
+    """waitress, pure Python, in this process.
+
+    :meth:`stop` is graceful, which waitress's own ``close`` is not (that closes the listener
+    only: the loop thread then serves the open connections on while the task threads are gone,
+    so a request on a kept-alive connection waited for its timeout): stop listening, let every
+    connection finish the response it is writing, close the connections, then the threads.
+    """
 
     kind = "waitress"
 
@@ -276,7 +346,7 @@ class WaitressServer:
 
         try:
             self._server = waitress.server.create_server(
-                app,
+                _waitress_app(app),
                 host=host,
                 port=port,
                 threads=threads,
@@ -285,9 +355,10 @@ class WaitressServer:
                 channel_timeout=120,
                 ident="studioserve",
                 clear_untrusted_proxy_headers=True,
-            )
+            )  # binds with SO_REUSEADDR (waitress sets it on POSIX), never SO_REUSEPORT
         except OSError as e:
             raise _port_error(host, port, e) from e
+        self._server.channel_class = _waitress_channel()
         self.host = host
         self.port = int(self._server.effective_port)
         self._thread: threading.Thread | None = None
@@ -299,12 +370,50 @@ class WaitressServer:
         self._thread.start()
         _wait_listening(self.host, self.port, 15.0, self._thread.is_alive)
 
-    def stop(self) -> None:
-        self._server.close()
-        self._server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
-        if self._thread is not None:
-            self._thread.join(15.0)
-            self._thread = None
+    def _in_loop(self, fn: Callable[[], None], timeout: float = 5.0) -> None:
+        """Run ``fn`` in waitress's loop thread (which owns the sockets) and wait for it."""
+        done = threading.Event()
+
+        def thunk() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self._server.trigger.pull_trigger(thunk)
+        done.wait(timeout)
+
+    def _busy(self) -> int:
+        """How many connections have a request in progress or a response left to send."""
+        return sum(
+            1
+            for ch in list(self._server._map.values())
+            if getattr(ch, "requests", None) or getattr(ch, "total_outbufs_len", 0)
+        )
+
+    def _close_connections(self) -> None:
+        server = self._server
+        for ch in list(server._map.values()):
+            if ch is not server.trigger:
+                ch.handle_close()
+        server.trigger.close()  # the map is empty now: the loop returns
+
+    def stop(self, timeout: float = 10.0) -> None:
+        from waitress import wasyncore
+
+        server = self._server
+        thread, self._thread = self._thread, None
+        if thread is None or not thread.is_alive():
+            server.close()
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=1)
+            return
+        self._in_loop(lambda: wasyncore.dispatcher.close(server))  # stop listening
+        deadline = time.monotonic() + timeout
+        while self._busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._in_loop(self._close_connections)
+        server.task_dispatcher.shutdown(cancel_pending=False, timeout=timeout)
+        thread.join(15.0)
 
 
 HTTP_SERVERS: dict[str, Callable[[Any, str, int, int], HttpServer]] = {

@@ -14,10 +14,13 @@ from typing import Any
 
 from flask import Flask, current_app
 
+from ..config import DEFAULT_MAX_KEYS
+from ..serving.admission import AdmissionController, default_max_queue_time
 from ..serving.inference import RequestHandler
 from ..serving.protocols import OipProtocol, PickleProtocol
 from ..serving.service import ModelService
 from ..telemetry import Telemetry
+from ..wire import DecodeLimits
 
 __all__ = ["AppState", "ServerInfo", "current_state", "state_of"]
 
@@ -65,6 +68,13 @@ class AppState:
     :param token: the bearer token, or None when auth is off.
     :param info: facts for the status page and OIP.
     :param max_body: the largest request body in bytes.
+    :param max_queue_time: seconds of queued work a new inference request may find ahead of
+        it before it is refused with 503 (None: a quarter of the request timeout, at most
+        1 s; see :mod:`studioserve.serving.admission`).
+    :param max_in_flight: the most inference requests served at once, the rest refused with
+        503 (None: no cap; ``studio serve`` passes
+        :func:`~studioserve.serving.admission.default_max_in_flight` of its ``--threads``).
+    :param max_keys: the most keys one request body may carry (``--max-keys``).
     """
 
     def __init__(
@@ -74,11 +84,26 @@ class AppState:
         info: ServerInfo,
         *,
         max_body: int,
+        max_queue_time: float | None = None,
+        max_in_flight: int | None = None,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
         self.service = service
         self.token = token
         self.info = info
         self.max_body = max_body
+        #: what every decoder may build for one request
+        limits = DecodeLimits(max_body=max_body, max_keys=max_keys)
+        #: admission control, shared by both request paths
+        self.admission = AdmissionController(
+            service.model.pipe,
+            max_queue_time=(
+                default_max_queue_time(service.request_timeout)
+                if max_queue_time is None
+                else max_queue_time
+            ),
+            max_in_flight=max_in_flight,
+        )
         self.started = time.time()
         #: when the inactivity timer fires (``time.monotonic()``); set by the runtime
         self.shutdown_at: Callable[[], float | None] = lambda: None
@@ -89,12 +114,17 @@ class AppState:
             shutdown_at=lambda: self.shutdown_at(),
         )
         observers = self.telemetry.observers
+        admission = self.admission
         self.pickle = RequestHandler(
-            service, PickleProtocol(), max_body=max_body, observers=observers
+            service,
+            PickleProtocol(limits),
+            max_body=max_body,
+            observers=observers,
+            admission=admission,
         )
-        self.oip_protocol = OipProtocol(service, info.experiment, max_body)
+        self.oip_protocol = OipProtocol(service, info.experiment, max_body, limits=limits)
         self.oip = RequestHandler(
-            service, self.oip_protocol, max_body=max_body, observers=observers
+            service, self.oip_protocol, max_body=max_body, observers=observers, admission=admission
         )
 
     def authorized(self, header: str | None) -> bool:

@@ -222,6 +222,21 @@ class Batcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._q)
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows queued now (read without the lock: a snapshot, exact between operations)."""
+        return self._rows
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest queued item has waited at ``now`` (0 when the queue is empty).
+
+        Read without the lock, so it costs no contention with the workers.
+        """
+        try:
+            return max(0.0, now - self._q[0][2])
+        except IndexError:  # empty, or emptied while we looked
+            return 0.0
+
     # -- producers -----------------------------------------------------------------------------
     def _append(self, item: T, rows: int) -> None:
         # the lock is held

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-__all__ = ["BatchEvent", "PipeStats", "StageStats", "logger"]
+__all__ = ["BatchEvent", "PipeLoad", "PipeStats", "StageStats", "logger"]
 
 #: the logger of everything a pipe logs (its stages and Studio.ML's mode included)
 logger = logging.getLogger("studioserve.pipelines.pipe")
@@ -75,3 +75,34 @@ class PipeStats:
     stages: dict[str, StageStats] = field(default_factory=dict)
     in_flight: int = 0
     accepted: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PipeLoad:
+    """What an item submitted now would face: cheap to take per request (no lock is taken).
+
+    :meth:`~studioserve.pipelines.ModelPipe.load` builds it from each stage's queue and its
+    moving average of compute time per batch; admission control (:mod:`studioserve.serving`)
+    reads it before a request is decoded.
+
+    :ivar expected_wait: seconds of whole batches queued ahead of a new item, summed over the
+        stages: per stage, ``queued rows // (batch limit * workers)`` rounds times the stage's
+        compute time per batch (0 while every queue fits in its stage's next batches, so a
+        light load always reads 0).
+    :ivar oldest_wait: seconds the oldest queued item of any stage has waited so far.
+    :ivar batch_seconds: the largest per-stage moving average of a batch's compute time (0
+        before the first batch): the slowest stage's.
+    :ivar round_rows: rows the slowest stage computes per round: its batch limit times its
+        workers (so ``n`` items ahead of a new one cost it ``n // round_rows`` rounds); 0 for
+        a pipe without stages (its functions run in the submitting thread).
+    :ivar queued: items queued in every stage.
+    :ivar full: the first stage's queue is full (:meth:`~studioserve.pipelines.ModelPipe.submit`
+        would raise :class:`~studioserve.errors.Overloaded`).
+    """
+
+    expected_wait: float = 0.0
+    oldest_wait: float = 0.0
+    batch_seconds: float = 0.0
+    round_rows: int = 0
+    queued: int = 0
+    full: bool = False

@@ -29,11 +29,11 @@ from typing import Any
 
 from ..errors import PipeClosed
 from . import studioml
-from .events import BatchEvent, PipeStats, StageStats, logger
+from .events import BatchEvent, PipeLoad, PipeStats, StageStats, logger
 from .options import StageOptions
 from .stage import Func, Item, Listener, Stage, expired, fail_item, item_failed
 
-__all__ = ["BatchEvent", "ModelPipe", "PipeStats", "StageStats"]
+__all__ = ["BatchEvent", "ModelPipe", "PipeLoad", "PipeStats", "StageStats"]
 
 _monotonic = time.monotonic
 
@@ -381,6 +381,45 @@ class ModelPipe:
             )
         accepted = self._stages[0].queue.accepted if self._stages else self._inline_done
         return PipeStats(stages=stages, in_flight=max(0, accepted - done), accepted=accepted)
+
+    def load(self) -> PipeLoad:
+        """How loaded the pipe is now, for admission control (see :class:`PipeLoad`).
+
+        Cheap enough to call per request: a few reads per stage and no lock, so it never
+        contends with the workers; the numbers are a snapshot that may be a moment stale.
+        """
+        stages = self._stages
+        if not stages:
+            return PipeLoad()
+        now = _monotonic()
+        expected = oldest = batch = 0.0
+        queued = 0
+        round_rows = 0
+        for s in stages:
+            q = s.queue
+            ema = q.compute_ema
+            per_round = max(1, q.limit * s.num_workers)
+            if ema > batch or not round_rows:
+                batch = max(batch, ema)
+                round_rows = per_round
+            n = len(q)
+            if not n:
+                continue
+            queued += n
+            rounds = q.queued_rows // per_round
+            expected += rounds * ema
+            wait = q.oldest_wait(now)
+            if wait > oldest:
+                oldest = wait
+        first = stages[0].queue
+        return PipeLoad(
+            expected_wait=expected,
+            oldest_wait=oldest,
+            batch_seconds=batch,
+            round_rows=round_rows,
+            queued=queued,
+            full=len(first) >= first.maxsize,
+        )
 
     # -- Studio.ML's mode (studioml.py) --------------------------------------------------------
     def __call__(self, data: Any) -> Any:

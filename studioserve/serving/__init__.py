@@ -1,1 +1,2 @@
-"""Serving without a transport: ModelService, activity counting and the one request path."""
+"""Serving without a transport: ModelService, activity counting, admission control and the one
+request path."""

@@ -4,12 +4,16 @@
 
 1. ``protocol.resolve``: the model the URL names exists (OIP; 404 otherwise);
 2. the ready check (503 + Retry-After while loading or draining);
-3. the size limit on the declared length (413 before a byte is read), then reads the body;
-4. ``protocol.decode``: body to a request dict (400/415 for what cannot be decoded);
-5. :meth:`ModelService.predict <studioserve.serving.service.ModelService.predict>`, counted by
+3. the size limit on the declared length (413 before a byte is read);
+4. admission (:class:`~studioserve.serving.admission.AdmissionController`): 503 +
+   Retry-After at once when the server is saturated, before the body is read; an admitted
+   request holds its slot until it is answered;
+5. reads the body; ``protocol.decode``: body to a request dict (400/415 for what cannot be
+   decoded);
+6. :meth:`ModelService.predict <studioserve.serving.service.ModelService.predict>`, counted by
    the service's :class:`~studioserve.serving.activity.Activity` (the inactivity timer);
-6. ``protocol.encode``: the result to the protocol's body;
-7. one ``on_request`` for the observers, with the status and the time taken.
+7. ``protocol.encode``: the result to the protocol's body;
+8. one ``on_request`` for the observers, with the status and the time taken.
 
 Errors become replies in one place per protocol (``protocol.error``: its status table and its
 error body). The transports (:mod:`studioserve.http.pickle_routes`'s WSGI fast path and Flask
@@ -26,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import NotReady, StudioServeError, TooLarge
+from ..errors import Saturated, StudioServeError, TooLarge
+from .admission import AdmissionController
 from .observer import Observers
 from .service import ModelService
 
@@ -104,6 +109,8 @@ class RequestHandler:
     :param protocol: the wire protocol.
     :param max_body: the largest body in bytes (413 above).
     :param observers: told about every request answered.
+    :param admission: refuses requests while the server is saturated (None: admit all);
+        share one between the handlers of a server.
     """
 
     def __init__(
@@ -113,11 +120,13 @@ class RequestHandler:
         *,
         max_body: int,
         observers: Observers,
+        admission: AdmissionController | None = None,
     ) -> None:
         self.service = service
         self.protocol = protocol
         self.max_body = max_body
         self.observers = observers
+        self.admission = admission
 
     def handle(self, request: InferenceRequest) -> Reply:
         """Answer one inference request (never raises)."""
@@ -135,13 +144,32 @@ class RequestHandler:
     def _handle(self, request: InferenceRequest) -> Reply:
         protocol = self.protocol
         service = self.service
+        admission = self.admission
         try:
             protocol.resolve(request)
             if not service.ready:
-                raise NotReady()
+                raise service.not_ready()
             length = request.length
             if length is not None and length > self.max_body:
                 raise TooLarge(self.max_body, length)
+            if admission is not None:
+                admission.admit()
+        except Saturated as e:
+            _drain(request)
+            return protocol.error(e)
+        except StudioServeError as e:
+            return protocol.error(e)
+        if admission is None:
+            return self._serve(request)
+        try:
+            return self._serve(request)
+        finally:
+            admission.release()
+
+    def _serve(self, request: InferenceRequest) -> Reply:
+        protocol = self.protocol
+        service = self.service
+        try:
             data, context = protocol.decode(request.read(), request)
         except StudioServeError as e:
             return protocol.error(e)
@@ -155,3 +183,16 @@ class RequestHandler:
         finally:
             activity.end()
         return Reply(200, headers, payload)
+
+
+def _drain(request: InferenceRequest) -> None:
+    """Read and drop the body of a refused request, so its keep-alive connection stays usable.
+
+    An HTTP server that answers before reading the body must close the connection, and a
+    client already sending its next request on it gets a connection error instead of the 503.
+    Reading a body (at most ``--max-body``, checked before) costs far less than decoding it.
+    """
+    try:
+        request.read()
+    except Exception:  # TooLarge, a client gone: the reply is what matters
+        pass

@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import wire
 from ..errors import ModelNotFound, RequestFailed, StudioServeError
+from ..wire.budget import DecodeLimits
 from ..wire.oip_codec import (
     HEADER_LENGTH,
     VERSION,
@@ -49,8 +50,12 @@ class PickleProtocol(Protocol):
 
     route = "/"
 
+    def __init__(self, limits: DecodeLimits | None = None) -> None:
+        #: what a decoded body may build (``--max-body``, ``--max-keys``)
+        self.limits = limits or DecodeLimits()
+
     def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
-        return wire.decode_request(body, request.header("Content-Type"))
+        return wire.decode_request(body, request.header("Content-Type"), limits=self.limits)
 
     def encode(
         self, result: dict[str, Any], context: Any, request: InferenceRequest
@@ -75,14 +80,25 @@ class OipProtocol(Protocol):
     :param service: the model service (its signature maps tensors to request keys).
     :param name: the model's name in URLs (the experiment key).
     :param max_body: the most bytes a compressed body may expand to.
+    :param limits: what a decoded body may build (default: from ``max_body``).
     """
 
     route = "/v2/models/infer"
 
-    def __init__(self, service: ModelService, name: str, max_body: int | None) -> None:
+    def __init__(
+        self,
+        service: ModelService,
+        name: str,
+        max_body: int | None,
+        *,
+        limits: DecodeLimits | None = None,
+    ) -> None:
         self.service = service
         self.name = name
         self.max_body = max_body
+        self.limits = limits or (
+            DecodeLimits(max_body=max_body) if max_body is not None else DecodeLimits()
+        )
 
     def check_model(self, name: str, version: str | None) -> None:
         """:raises ModelNotFound: unless ``name`` (and ``version``, if given) is served."""
@@ -100,7 +116,7 @@ class OipProtocol(Protocol):
         encoding = (request.header("Content-Encoding") or "").strip().lower()
         if encoding and encoding != "identity":
             body = decompress(body, encoding, self.max_body)
-        req = decode_infer_request(body, request.header(HEADER_LENGTH))
+        req = decode_infer_request(body, request.header(HEADER_LENGTH), limits=self.limits)
         return self.to_service(req), req
 
     def encode(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import NotReady
 from ..models import Model
 from ..tensors import TensorSpec
 from .activity import Activity
@@ -28,6 +29,8 @@ class ModelService:
         self.request_timeout = request_timeout
         self.activity = Activity()
         self.ready = False
+        #: set when the server stops: requests are refused as "shutting down", not "loading"
+        self.draining = False
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -36,6 +39,12 @@ class ModelService:
     @property
     def outputs(self) -> list[TensorSpec]:
         return self.model.outputs
+
+    def not_ready(self) -> NotReady:
+        """The error for a request that arrives while the service is not ready."""
+        if self.draining:
+            return NotReady("the server is shutting down; retry on another replica or later")
+        return NotReady()
 
     def close(self) -> None:
         self.ready = False

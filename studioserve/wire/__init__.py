@@ -5,6 +5,9 @@
 - :mod:`.safe_pickle`: the restricted unpickler, the one security boundary every pickled
   body (request or response) crosses; nothing in studioserve calls :func:`pickle.loads`.
 - :mod:`.oip_codec`: the Open Inference Protocol (KServe v2) bodies, JSON and binary tensors.
+- :mod:`.budget`: the decode budget every decoder charges what it builds to
+  (:class:`DecodeLimits`: ``--max-body`` and ``--max-keys``): a body of ``B`` bytes may build
+  at most ``8 MiB + min(32 * B, 8 * max_body)``, refused with 413 before it is built.
 
 **No IO here**: no Flask, no sockets, no threads, no files. Functions take bytes and header
 values and return values (or raise a :class:`~studioserve.errors.WireError` or
@@ -17,17 +20,22 @@ The names below are the ``POST /`` API, used as ``wire.X``::
 
     body, content_type = wire.encode_request({"x": np.ones((2, 8), np.float32)})
     data, fmt = wire.decode_request(body, content_type)
+    data, fmt = wire.decode_request(body, content_type, limits=wire.DecodeLimits(max_body=1 << 20))
 """
 
 from __future__ import annotations
 
 from ..errors import (
+    DecodedTooLarge,
     NotAcceptable,
+    PickleTooLarge,
+    TooManyKeys,
     UnencodableResponse,
     UnsafePickle,
     UnsupportedMediaType,
     WireError,
 )
+from .budget import DEFAULT_MAX_KEYS, Budget, DecodeLimits
 from .formats import (
     CONTENT_TYPES,
     FORMATS,
@@ -52,6 +60,7 @@ from .safe_pickle import MAX_DEPTH, REQUEST_ARRAY_KINDS, RESPONSE_ARRAY_KINDS, s
 
 __all__ = [
     "CONTENT_TYPES",
+    "DEFAULT_MAX_KEYS",
     "FORMATS",
     "JSON",
     "MAX_DECODED_BYTES",
@@ -63,7 +72,12 @@ __all__ = [
     "REQUEST_ARRAY_KINDS",
     "REQUEST_FORMATS",
     "RESPONSE_ARRAY_KINDS",
+    "Budget",
+    "DecodeLimits",
+    "DecodedTooLarge",
     "NotAcceptable",
+    "PickleTooLarge",
+    "TooManyKeys",
     "UnencodableResponse",
     "UnsafePickle",
     "UnsupportedMediaType",

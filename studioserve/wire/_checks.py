@@ -104,13 +104,42 @@ def check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(out)
 
 
+def check_extent(shape: tuple[int, ...], limit: int) -> None:
+    """Refuse a shape whose dimensions, zeros counted as 1, span more than ``limit`` elements.
+
+    An array's memory is paid for by the body, except an empty one's: ``(0, 2**62)`` holds no
+    data, yet converting it to another dtype, or stacking it with others, asks numpy for more
+    than it can address. Any shape real data could have (at most one element per byte of the
+    decode budget, ``limit``) passes.
+
+    :raises UnsafePickle: (400, like every refused shape or dtype) for one that spans more.
+    """
+    extent = 1
+    for n in shape:
+        extent *= n or 1
+        if extent > limit:
+            raise UnsafePickle(
+                f"refused array shape {short_repr(shape)}: counting its zero dimensions as 1 it "
+                f"spans more than {limit} elements, more than this body's decode budget could "
+                "hold; send a shape whose dimensions fit the data"
+            )
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut short: messages may quote what a hostile body sent."""
-    text = repr(value)
+    """``repr(value)``, cut short: messages may quote what a hostile body sent (even an int
+    too long for ``repr``)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits(), or one inside a container
+        text = f"<{type(value).__name__} too long to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def short_error(e: BaseException, limit: int = 200) -> str:
     """``"Type: message"`` of an exception, cut short."""
-    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    try:
+        message = str(e)
+    except ValueError:  # its argument is an int too long for str()
+        message = ""
+    text = f"{type(e).__name__}: {message}" if message else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

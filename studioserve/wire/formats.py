@@ -8,6 +8,11 @@ A body is a dict of string keys to values in one of three formats:
 - ``json``: ``application/json``, an object of nested lists (``{"x": [[1, 2], [3, 4]]}``).
 - ``npz``: ``application/x-npz``, the output of :func:`numpy.savez` (no pickled members).
 
+Every decoder charges what it builds to one :class:`~studioserve.wire.budget.Budget` per body,
+from the :class:`~studioserve.wire.budget.DecodeLimits` the caller passes (``--max-body``,
+``--max-keys``): a body that would build more than its budget is refused with 413 before it is
+built (see :mod:`studioserve.wire.budget`).
+
 Both sides use this module: the server (``decode_request``, ``response_format``,
 ``encode_response``, ``error_body``) and :class:`studioserve.Client` (``encode_request``,
 ``decode_response``, ``parse_error_body``). Decoding a response is just as restricted as
@@ -33,8 +38,16 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..errors import NotAcceptable, UnencodableResponse, UnsupportedMediaType, WireError
-from ._checks import canonical_dtype, check_shape, short_error, short_repr
+from ..errors import (
+    NotAcceptable,
+    TooManyKeys,
+    UnencodableResponse,
+    UnsupportedMediaType,
+    WireError,
+)
+from ._checks import canonical_dtype, check_extent, check_shape, short_error, short_repr
+from ._json import charge_json
+from .budget import Budget, DecodeLimits
 from .safe_pickle import (
     MAX_DEPTH,
     REQUEST_ARRAY_KINDS,
@@ -64,23 +77,52 @@ REQUEST_FORMATS: Final[dict[str, str]] = {
 }
 #: The pickle protocol of responses (and of the client's requests): 5, with in-band buffers.
 PICKLE_PROTOCOL: Final = 5
-#: The most bytes an npz body may expand to (its members' uncompressed sizes together).
+#: Deprecated: the fixed cap npz bodies once had. Every decoder now follows the decode budget
+#: (:class:`~studioserve.wire.budget.DecodeLimits`); ``max_decoded_bytes=`` only lowers it.
 MAX_DECODED_BYTES: Final = 1 << 30
+# What zipfile keeps per member of the directory (a ZipInfo and its strings), from above.
+_ZIP_ENTRY: Final = 1024
+# Scratch for one member being read, beyond one chunk: zipfile's buffers and zlib's state.
+_MEMBER_SCRATCH: Final = 1 << 16
+_CHUNK: Final = 1 << 16
+# The most a deflate stream can expand: 1032 to 1.
+_DEFLATE_RATIO: Final = 1032
 
 
 # --------------------------------------------------------------------------------------------
 # JSON and npz
 
 
-def _json_value(value: Any, where: str, string_arrays: bool) -> Any:
+class _JsonContext:
+    """What converting one parsed JSON body needs: its budget, its key limit, and whether its
+    lists may hold strings (then each list's leaves are looked at before numpy sees it)."""
+
+    __slots__ = ("budget", "keys_left", "max_keys", "string_arrays", "strings")
+
+    def __init__(self, budget: Budget, max_keys: int, strings: bool, string_arrays: bool):
+        self.budget = budget
+        self.max_keys = max_keys
+        self.keys_left = max_keys
+        self.strings = strings
+        self.string_arrays = string_arrays
+
+
+def _json_value(value: Any, where: str, ctx: _JsonContext, depth: int) -> Any:
     """A JSON value as the server sees it: lists of numbers become arrays, lists of strings
     stay lists (or become str arrays in responses), scalars stay Python values."""
     if isinstance(value, dict):
+        if depth >= MAX_DEPTH:
+            raise WireError(f"body is nested deeper than {MAX_DEPTH} levels; send flatter data")
+        ctx.keys_left -= len(value)
+        if ctx.keys_left < 0:
+            raise TooManyKeys(ctx.max_keys, what="the JSON body")
         return {
-            k: _json_value(v, f"{where}[{short_repr(k)}]", string_arrays) for k, v in value.items()
+            k: _json_value(v, f"{where}[{short_repr(k)}]", ctx, depth + 1) for k, v in value.items()
         }
     if not isinstance(value, list):
         return value
+    if ctx.strings:
+        _charge_strings(value, where, ctx.budget)
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError, OverflowError) as e:
@@ -91,13 +133,40 @@ def _json_value(value: Any, where: str, string_arrays: bool) -> Any:
     if arr.dtype.kind in "biuf":
         return arr
     if arr.dtype.kind == "U" and _all_leaves(value, str):
-        return arr if string_arrays else value
+        return arr if ctx.string_arrays else value
     if arr.dtype.kind == "O" and _all_leaves(value, int):
         raise WireError(f"value for {where} holds an integer outside the int64 range")
-    raise WireError(
+    raise _mixed(where)
+
+
+def _mixed(where: str) -> WireError:
+    return WireError(
         f"value for {where} mixes numbers, strings, nulls or objects; send a list of numbers "
         "(nested to any depth) or a list of strings"
     )
+
+
+def _charge_strings(value: list[Any], where: str, budget: Budget) -> None:
+    """Before numpy sees a list that may hold strings: refuse a mix of strings and other values
+    (numpy would turn every number into a string as long as the longest), and charge a list of
+    strings for the array numpy makes of it (4 bytes per character of the longest, each)."""
+    count = 0
+    longest = 0
+    others = False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            count += 1
+            longest = max(longest, len(item))
+        else:
+            others = True
+    if count and others:
+        raise _mixed(where)
+    if count:
+        budget.charge(count * (4 * longest + 8), f"the list of strings for {where}")
 
 
 def _all_leaves(value: Any, kind: type) -> bool:
@@ -111,7 +180,14 @@ def _all_leaves(value: Any, kind: type) -> bool:
     return True
 
 
-def _json_loads(body: bytes, string_arrays: bool) -> Any:
+def _json_loads(
+    body: bytes, string_arrays: bool, budget: Budget | None = None, max_keys: int | None = None
+) -> Any:
+    if budget is None:
+        budget = DecodeLimits().budget(len(body))
+    if max_keys is None:
+        max_keys = budget.limits.max_keys
+    shape = charge_json(body, budget, max_keys=max_keys, what="the JSON body")
     try:
         value = json.loads(body)
     except RecursionError:
@@ -119,49 +195,102 @@ def _json_loads(body: bytes, string_arrays: bool) -> Any:
     except ValueError as e:
         raise WireError(f"body is not valid JSON: {short_error(e)}") from None
     if isinstance(value, dict):
+        ctx = _JsonContext(budget, max_keys, shape.strings > 0, string_arrays)
         try:
-            return {k: _json_value(v, short_repr(k), string_arrays) for k, v in value.items()}
+            return {k: _json_value(v, short_repr(k), ctx, 1) for k, v in _top(value, ctx)}
         except RecursionError:
             raise WireError("body is not valid JSON: it is nested too deeply") from None
     return value
 
 
-def _npz_loads(body: bytes, kinds: str, max_decoded_bytes: int) -> dict[str, Any]:
+def _top(value: dict[str, Any], ctx: _JsonContext) -> Any:
+    ctx.keys_left -= len(value)
+    if ctx.keys_left < 0:
+        raise TooManyKeys(ctx.max_keys, len(value), what="the JSON body")
+    return value.items()
+
+
+def _npz_loads(body: bytes, kinds: str, budget: Budget, max_keys: int) -> dict[str, Any]:
+    """An npz body's members as arrays. The zip directory's sizes are never trusted: each
+    member is decompressed as a stream, charged to ``budget`` as it grows, and stops at the
+    first byte over it."""
+    entries = body.count(b"PK\x01\x02")  # each directory entry starts with one
+    budget.charge(len(body) + _ZIP_ENTRY * entries, "the npz body's zip directory")
     try:
         zf = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        infos = zf.infolist()
+    except Exception as e:  # noqa: BLE001 - any failure of the zip parser is bad input
         raise WireError(f"body is not a valid npz file: {short_error(e)}") from None
     with zf:
-        infos = zf.infolist()
-        total = sum(info.file_size for info in infos)
-        if total > max_decoded_bytes:
-            raise WireError(
-                f"npz body expands to {total} bytes, more than the limit of "
-                f"{max_decoded_bytes}; send fewer examples per request"
-            )
+        if len(infos) > max_keys:
+            raise TooManyKeys(max_keys, len(infos), what="the npz body")
         out: dict[str, Any] = {}
         for info in infos:
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            try:
-                buf = bytearray(info.file_size)
-                view = memoryview(buf)
-                got = 0
-                with zf.open(info) as f:
-                    while got < len(buf):
-                        chunk = f.read(min(1 << 22, len(buf) - got))
-                        if not chunk:
-                            break
-                        view[got : got + len(chunk)] = chunk
-                        got += len(chunk)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise WireError(
-                    f"npz member {short_repr(info.filename)} is damaged: {short_error(e)}"
-                ) from None
-            out[key] = _npy_array(view[:got], info.filename, kinds)
+            buf = _npz_member(zf, info, budget, len(body))
+            out[key] = _npy_array(memoryview(buf), info.filename, kinds, budget)
         return out
 
 
-def _npy_array(buf: memoryview, name: str, kinds: str) -> np.ndarray[Any, Any]:
+def _npz_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: Budget, body_length: int
+) -> bytearray:
+    """One member's bytes, read as a stream within ``budget``. A deflated member is inflated
+    twice: first only to count its bytes (a chunk at a time, stopping at the first byte over
+    the budget, so a zip bomb costs one chunk of memory), then into a buffer of that size."""
+    name = short_repr(info.filename)
+    if info.compress_type == zipfile.ZIP_STORED:
+        bound = min(info.compress_size, body_length)
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        bound = _DEFLATE_RATIO * min(info.compress_size, body_length) + 1024
+    else:
+        raise WireError(
+            f"npz member {name} uses zip compression method {info.compress_type}; only "
+            "stored and deflate members (numpy.savez, numpy.savez_compressed) are allowed"
+        )
+    scratch = _MEMBER_SCRATCH + min(info.file_size, bound, _CHUNK)
+    budget.charge(scratch, f"reading npz member {name}")
+    try:
+        # room for what it can hold: never more than its compressed data can expand to, nor
+        # than the budget; a deflated member is measured first
+        size = max(min(info.file_size, bound, budget.left), 0)
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            size = _member_size(zf, info, size, budget)
+        budget.charge(size, f"npz member {name}")
+        buf = bytearray(size)
+        got = 0
+        with zf.open(info) as f, memoryview(buf) as view:
+            while True:
+                chunk = f.read(min(_CHUNK, size - got) if got < size else 1)
+                if not chunk:
+                    break
+                if got + len(chunk) > size:
+                    raise budget.error(f"the npz body (member {name})")
+                view[got : got + len(chunk)] = chunk
+                got += len(chunk)
+    except WireError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the zip reader is bad input
+        raise WireError(f"npz member {name} is damaged: {short_error(e)}") from None
+    budget.refund(scratch + size - got)
+    if got < size:
+        del buf[got:]
+    return buf
+
+
+def _member_size(zf: zipfile.ZipFile, info: zipfile.ZipInfo, room: int, budget: Budget) -> int:
+    """How many bytes a deflated member inflates to, counted a chunk at a time and never kept;
+    refused at the first byte beyond ``room``."""
+    total = 0
+    with zf.open(info) as f:
+        while chunk := f.read(_CHUNK):
+            total += len(chunk)
+            if total > room:
+                raise budget.error(f"the npz body (member {short_repr(info.filename)})")
+    return total
+
+
+def _npy_array(buf: memoryview, name: str, kinds: str, budget: Budget) -> np.ndarray[Any, Any]:
     """One ``.npy`` member, checked before any memory is allocated for it."""
     fmt = np.lib.format
     # The header is small; copy only its neighbourhood, not the data.
@@ -189,6 +318,7 @@ def _npy_array(buf: memoryview, name: str, kinds: str) -> np.ndarray[Any, Any]:
             f"npz member {short_repr(name)} holds {len(buf) - offset} bytes of data, but its "
             f"header says {count * dtype.itemsize} (shape {shape}, dtype {dtype})"
         )
+    check_extent(shape, budget.limit)
     arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape, order="F" if fortran else "C")
 
@@ -244,16 +374,21 @@ def _decode(
     body: bytes,
     fmt: str,
     kinds: str,
-    max_decoded_bytes: int,
+    limits: DecodeLimits,
+    max_decoded_bytes: int | None,
     string_arrays: bool,
     what: str,
 ) -> dict[str, Any]:
+    limit = limits.budget_for(len(body))
+    if max_decoded_bytes is not None:
+        limit = min(limit, max_decoded_bytes)
+    budget = Budget(limit, len(body), limits)
     if fmt == "pickle":
-        value = safe_loads(body, array_kinds=kinds)
+        value = safe_loads(body, array_kinds=kinds, budget=budget)
     elif fmt == "json":
-        value = _json_loads(body, string_arrays)
+        value = _json_loads(body, string_arrays, budget, limits.max_keys)
     else:
-        value = _npz_loads(body, kinds, max_decoded_bytes)
+        value = _npz_loads(body, kinds, budget, limits.max_keys)
     return _check_top(value, what)
 
 
@@ -261,7 +396,8 @@ def decode_request(
     body: bytes,
     content_type: str | None,
     *,
-    max_decoded_bytes: int = MAX_DECODED_BYTES,
+    limits: DecodeLimits | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Decode a ``POST /`` body into ``(data, format)``.
 
@@ -269,14 +405,21 @@ def decode_request(
     :func:`safe_loads`. JSON lists of numbers become arrays (``int64`` when every number is an
     int, ``float64`` when any is a float, ``bool`` for all-bool lists; the server casts to the
     model's dtype), lists of strings stay lists, scalars stay Python values. npz members are
-    read with no pickle, each checked against its declared size first.
+    read with no pickle, each decompressed as a stream within the budget.
+
+    Every decoder charges what it builds to one budget, ``limits.budget(len(body))``
+    (:mod:`studioserve.wire.budget`), before building it.
 
     :param body: the request body.
     :param content_type: the ``Content-Type`` header, parameters allowed (``; charset=utf-8``).
-    :param max_decoded_bytes: the most bytes an npz body may expand to.
+    :param limits: the server's limits (``--max-body``, ``--max-keys``); None: the defaults.
+    :param max_decoded_bytes: deprecated: a lower cap on the budget, in bytes.
     :raises UnsupportedMediaType: for an unknown content type (HTTP 415).
     :raises UnsafePickle: for a pickle that asks for anything but data (HTTP 400).
-    :raises WireError: for an empty, damaged or non-dict body (HTTP 400).
+    :raises DecodedTooLarge: for a body that would build more than its budget (HTTP 413).
+    :raises TooManyKeys: for more dict keys than ``limits.max_keys`` (HTTP 413).
+    :raises WireError: for an empty, damaged or non-dict body, or an array shape that spans
+        more elements than the budget (HTTP 400).
     """
     fmt = request_format(content_type)
     if not body:
@@ -284,7 +427,9 @@ def decode_request(
             "empty request body: POST a pickled dict of numpy arrays, e.g. "
             "pickle.dumps({'x': np.zeros((1, 8), np.float32)}), or a JSON object"
         )
-    return _decode(body, fmt, REQUEST_ARRAY_KINDS, max_decoded_bytes, False, "the request"), fmt
+    limits = limits or DecodeLimits()
+    data = _decode(body, fmt, REQUEST_ARRAY_KINDS, limits, max_decoded_bytes, False, "the request")
+    return data, fmt
 
 
 #: The media types an ``Accept`` header (or a response's Content-Type) may name: the same as
@@ -383,7 +528,13 @@ def _encode(data: dict[str, Any], fmt: str, error: type[WireError]) -> tuple[byt
                         f"npz can only carry arrays of numbers or strings, not the "
                         f"{type(value).__name__} under {short_repr(key)}; ask for {PICKLE} instead"
                     )
-                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                try:
+                    member = zf.open(f"{key}.npy", "w", force_zip64=True)
+                except UnicodeEncodeError:  # a lone surrogate: no zip name can hold it
+                    raise error(
+                        f"npz cannot carry the key {short_repr(key)}; ask for {PICKLE} instead"
+                    ) from None
+                with member as f:
                     np.lib.format.write_array(f, arr, allow_pickle=False)
         return buf.getvalue(), NPZ
     raise ValueError(f"unknown wire format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -433,13 +584,17 @@ def decode_response(
     body: bytes,
     content_type: str | None,
     *,
-    max_decoded_bytes: int = MAX_DECODED_BYTES,
+    limits: DecodeLimits | None = None,
+    max_decoded_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Decode a successful response body; the client side of :func:`encode_response`.
 
-    As restricted as :func:`decode_request` (a hostile server cannot run code on the client),
-    but arrays of fixed-width strings are allowed (class labels). JSON lists become arrays.
+    As restricted as :func:`decode_request` (a hostile server cannot run code on the client,
+    nor make it allocate more than the budget for the response's size), but arrays of
+    fixed-width strings are allowed (class labels). JSON lists become arrays.
 
+    :param limits: None: :meth:`DecodeLimits.for_response` (the budget's formula, with a cap
+        and key limit that follow the response's size).
     :raises WireError: for a body that is not a dict in a known format.
     """
     media = media_type(content_type)
@@ -450,7 +605,8 @@ def decode_response(
         )
     if not body:
         raise WireError("the server answered with an empty body")
-    return _decode(body, fmt, RESPONSE_ARRAY_KINDS, max_decoded_bytes, True, "the response")
+    limits = limits or DecodeLimits.for_response(len(body))
+    return _decode(body, fmt, RESPONSE_ARRAY_KINDS, limits, max_decoded_bytes, True, "the response")
 
 
 def error_body(error_type: str, message: str, keys: dict[str, str] | None = None) -> bytes:

@@ -11,6 +11,13 @@ otherwise outputs come back as JSON lists. ``BYTES`` elements in binary form are
 little-endian length and the bytes (:func:`serialize_bytes`); in JSON they are strings.
 ``Content-Encoding: gzip`` or ``deflate`` request bodies are read with :func:`decompress`.
 
+A request is decoded within one decode budget (:mod:`studioserve.wire.budget`), the budget of
+its body as it came over the wire: the decompressed body, what its JSON part will build and
+every tensor are charged before they are made (413 past it), a request may name at most
+``max_keys`` inputs and ``max_keys`` outputs, and its JSON may hold at most
+``8 * max_keys`` keys. A shape whose dimensions (zeros counted as 1) span more elements than
+the budget holds bytes is refused (400), empty or not.
+
 Both sides are here: the server's (:func:`decode_infer_request`, :func:`encode_infer_response`)
 and the client's (:func:`encode_infer_request`, :func:`decode_infer_response`, used by
 ``studio bench`` and the tests). Nothing here does IO or knows Flask; every malformed body is a
@@ -30,7 +37,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..errors import RequestFailed, TooLarge
+from ..errors import DecodedTooLarge, RequestFailed, TooLarge, TooManyKeys, UnsafePickle
+from ._checks import check_extent, short_repr
+from ._json import charge_json
+from .budget import Budget, DecodeLimits
 
 __all__ = [
     "CONFIG_TYPES",
@@ -78,6 +88,11 @@ CONFIG_TYPES: Final[dict[str, str]] = {
     name: ("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}") for name in DATATYPES
 }
 _LENGTH: Final = struct.Struct("<I")
+#: How many JSON keys a request may hold per ``max_keys`` (each input takes a handful).
+JSON_KEYS_PER_INPUT: Final = 8
+_ARRAY: Final = 112  # a numpy array object without its data
+_BYTES_ELEMENT: Final = 56  # a bytes object's header, its list slot and its object-array slot
+_ZLIB_SCRATCH: Final = 1 << 16  # a decompressor's window and state
 
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
@@ -101,14 +116,25 @@ def bad_request(message: str, status: int = 400) -> RequestFailed:
 # -- tensors -------------------------------------------------------------------------------------
 
 
-def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+def _check_shape(name: str, shape: Any, budget: Budget) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise bad_request(
-            f"input {name!r}: 'shape' must be a list of non-negative integers, not {shape!r}"
+            f"input {name!r}: 'shape' must be a list of at most 64 non-negative integers, "
+            f"not {_short(shape)}"
         )
+    try:
+        check_extent(tuple(shape), budget.limit)
+    except UnsafePickle as e:
+        raise bad_request(f"input {name!r}: {e}") from None
     return tuple(shape)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    return short_repr(value, limit)
 
 
 def _bytes_elements(name: str, raw: memoryview) -> list[bytes]:
@@ -141,8 +167,17 @@ def serialize_bytes(arr: np.ndarray[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
-def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: memoryview) -> np.ndarray:
+def _from_binary(
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    raw: memoryview,
+    budget: Budget | None = None,
+) -> np.ndarray:
     count = math.prod(shape)
+    if budget is not None:
+        elements = len(raw) // 4 + 1 if datatype == "BYTES" else 0
+        budget.charge(_ARRAY + len(raw) + elements * _BYTES_ELEMENT, f"input {name!r}")
     if datatype == "BYTES":
         items = _bytes_elements(name, raw)
         if len(items) != count:
@@ -181,9 +216,15 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+def _from_json(
+    name: str, datatype: str, shape: tuple[int, ...], data: Any, budget: Budget | None = None
+) -> np.ndarray:
     values = _flatten(data)
     count = math.prod(shape)
+    if budget is not None:
+        # the flat list, and the array (or, for BYTES, a bytes object per string)
+        per = 8 + (_BYTES_ELEMENT if datatype == "BYTES" else DATATYPES[datatype].itemsize)
+        budget.charge(_ARRAY + per * len(values), f"input {name!r}")
     if len(values) != count:
         raise bad_request(
             f"input {name!r}: shape {list(shape)} has {count} elements but 'data' has {len(values)}"
@@ -191,6 +232,8 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in values):
             raise bad_request(f"input {name!r}: BYTES data in JSON must be strings")
+        if budget is not None:
+            budget.charge(4 * sum(map(len, values)), f"input {name!r}")
         arr = np.empty(count, dtype=object)
         arr[:] = [v.encode("utf-8") for v in values]
         return arr.reshape(shape)
@@ -207,7 +250,8 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
     elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise bad_request(f"input {name!r}: {datatype} data must be numbers")
     try:
-        arr = np.array(values, dtype=dt.newbyteorder("="))
+        with np.errstate(over="ignore"):  # a float beyond FP16/FP32 is inf, as in IEEE 754
+            arr = np.array(values, dtype=dt.newbyteorder("="))
     except (ValueError, TypeError, OverflowError) as e:
         raise bad_request(f"input {name!r}: cannot read the data as {datatype}: {e}") from None
     return arr.reshape(shape)
@@ -261,24 +305,56 @@ def _params(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def decode_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
+def decode_infer_request(
+    body: bytes,
+    header_length: str | None = None,
+    *,
+    limits: DecodeLimits | None = None,
+    content_encoding: str | None = None,
+) -> InferRequest:
     """Decode an inference request body (JSON, or JSON followed by binary tensor data).
 
-    :param body: the whole request body.
-    :param header_length: the ``Inference-Header-Content-Length`` header, if any.
+    :param body: the whole request body, as it came over the wire.
+    :param header_length: the ``Inference-Header-Content-Length`` header, if any (the length
+        of the JSON part of the decompressed body).
+    :param limits: the server's limits (``--max-body``, ``--max-keys``); None: the defaults.
+        The budget is that of ``len(body)``; a decompressed body may not exceed
+        ``limits.max_body`` either.
+    :param content_encoding: the ``Content-Encoding`` header: ``gzip``, ``deflate``,
+        ``identity`` or None.
     :raises RequestFailed: (400) for anything malformed; the message says what.
+    :raises TooLarge: (413) for a decompressed body over ``limits.max_body``.
+    :raises DecodedTooLarge: (413) for a body that would build more than its budget.
+    :raises TooManyKeys: (413) for more inputs or outputs than ``limits.max_keys``, or a JSON
+        part with more than ``8 * limits.max_keys`` keys.
     """
+    limits = limits or DecodeLimits()
+    budget = limits.budget(len(body))
+    encoding = (content_encoding or "").strip().lower()
+    if encoding and encoding != "identity":
+        body = decompress(body, encoding, limits.max_body, budget=budget)
     n = _header_length(header_length, len(body))
+    head = body if n == len(body) else body[:n]
+    if head is not body:
+        budget.charge(n, "the request's JSON part")
     try:
-        doc = json.loads(body[:n])
+        charge_json(
+            head, budget, max_keys=JSON_KEYS_PER_INPUT * limits.max_keys, what="the request"
+        )
+        doc = json.loads(head)
+    except (DecodedTooLarge, TooManyKeys):
+        raise
     except (ValueError, RecursionError) as e:
         hint = "" if header_length else f" (a body with binary tensors needs {HEADER_LENGTH})"
-        raise bad_request(f"the request is not valid JSON: {e}{hint}") from None
+        raise bad_request(f"the request is not valid JSON: {_short(e, 200)}{hint}") from None
+    del head
     if not isinstance(doc, dict):
         raise bad_request("the request must be a JSON object with an 'inputs' list")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise bad_request("the request must have a non-empty 'inputs' list")
+    if len(raw_inputs) > limits.max_keys:
+        raise TooManyKeys(limits.max_keys, len(raw_inputs), what="the request's 'inputs'")
     params = _params(doc, "the request")
     binary = memoryview(body)[n:]
     offset = 0
@@ -288,14 +364,14 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
             raise bad_request(f"inputs[{i}] must be an object with a string 'name'")
         name = t["name"]
         if name in inputs:
-            raise bad_request(f"input {name!r} appears twice")
+            raise bad_request(f"input {_short(name)} appears twice")
         datatype = t.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise bad_request(
-                f"input {name!r}: unsupported datatype {datatype!r}; use one of "
+                f"input {_short(name)}: unsupported datatype {_short(datatype)}; use one of "
                 f"{', '.join(DATATYPES)}"
             )
-        shape = _check_shape(name, t.get("shape"))
+        shape = _check_shape(name, t.get("shape"), budget)
         tparams = _params(t, f"input {name!r}")
         if "shared_memory_region" in tparams:
             raise bad_request(f"input {name!r}: shared memory is not supported; send the data")
@@ -310,10 +386,12 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
                     f"input {name!r}: binary_data_size is {size} but only "
                     f"{len(binary) - offset} bytes of binary data are left"
                 )
-            inputs[name] = _from_binary(name, datatype, shape, binary[offset : offset + size])
+            inputs[name] = _from_binary(
+                name, datatype, shape, binary[offset : offset + size], budget
+            )
             offset += size
         elif "data" in t:
-            inputs[name] = _from_json(name, datatype, shape, t["data"])
+            inputs[name] = _from_json(name, datatype, shape, t["data"], budget)
         else:
             raise bad_request(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
@@ -326,6 +404,8 @@ def decode_infer_request(body: bytes, header_length: str | None = None) -> Infer
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise bad_request("'outputs' must be a list")
+        if len(raw_outputs) > limits.max_keys:
+            raise TooManyKeys(limits.max_keys, len(raw_outputs), what="the request's 'outputs'")
         outputs = []
         for i, o in enumerate(raw_outputs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
@@ -507,21 +587,39 @@ def decode_infer_response(body: bytes, header_length: str | None = None) -> dict
 # -- compressed bodies ---------------------------------------------------------------------------
 
 
-def decompress(body: bytes, encoding: str, limit: int | None) -> bytes:
+def decompress(
+    body: bytes, encoding: str, limit: int | None, *, budget: Budget | None = None
+) -> bytes:
     """A ``Content-Encoding: gzip`` or ``deflate`` body, decompressed.
 
     :param limit: the most bytes it may expand to (None: no limit).
+    :param budget: the request's decode budget: the output is charged to it as it is made,
+        and decompression stops at the first byte it cannot pay for.
     :raises RequestFailed: (400) for another encoding or damaged data.
     :raises TooLarge: (413) when it expands past ``limit``.
+    :raises DecodedTooLarge: (413) when it expands past the budget.
     """
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
-        raise bad_request(f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or none")
+        raise bad_request(
+            f"unsupported Content-Encoding {_short(encoding)}; send gzip, deflate or none"
+        )
+    cap = limit or 0
+    by_budget = False
+    if budget is not None:
+        budget.charge(_ZLIB_SCRATCH, "decompressing the request")
+        if not cap or budget.left < cap:
+            cap, by_budget = max(budget.left, 1), True
     d = zlib.decompressobj(wbits)
     try:
-        out = d.decompress(body, limit or 0)
+        out = d.decompress(body, cap)
     except zlib.error as e:
         raise bad_request(f"cannot decompress the {encoding} body: {e}") from None
-    if d.unconsumed_tail:
+    if d.unconsumed_tail or (cap and len(out) == cap and not d.eof):
+        if by_budget and budget is not None:
+            raise budget.error(f"the {encoding} body")
         raise TooLarge(limit or 0, what="the decompressed request")
+    if budget is not None:
+        budget.refund(_ZLIB_SCRATCH)
+        budget.charge(len(out), "the decompressed request")
     return out

@@ -6,17 +6,22 @@ scalars, and plain values and containers (dict, list, tuple, set, frozenset, str
 bytearray, int, float, complex, bool, None). Any other global is refused with
 :class:`~studioserve.errors.UnsafePickle`; so are object arrays however the pickle tries to build
 them, forged dtypes, out-of-band buffers, memo indices that would allocate memory the body does
-not pay for, and values nested deeper than :data:`MAX_DEPTH`.
+not pay for, pickles that would build more than their decode budget, arrays whose shape
+spans more elements than that budget, more dict keys than ``max_keys``, and values nested deeper
+than :data:`MAX_DEPTH`.
 
 Everything here is one security boundary, and reads best together:
 
 - an opcode pre-scan (:func:`_scan_pickle`) refuses persistent ids, extension codes,
-  out-of-band buffers and memo indices the body cannot need, before the C unpickler runs;
+  out-of-band buffers and memo indices the body cannot need, and charges the request's decode
+  budget (:mod:`studioserve.wire.budget`) what every opcode will allocate, before the C
+  unpickler runs;
 - :class:`_RestrictedUnpickler` hands out checking stand-ins (:class:`_SafeGlobal`) for the few
   globals numpy and the standard library pickle data with, and never a real type;
 - ``numpy.dtype`` yields a :class:`_DtypeProxy` and arrays are :class:`_GuardedArray`, so a
   pickle's ``BUILD`` never reaches numpy's trusting ``__setstate__``;
-- a :class:`_Budget` keeps what those stand-ins copy proportional to the body;
+- the same budget is charged what those stand-ins copy and allocate (arrays, bytes, sets), so
+  the total stays within it however often a pickle calls them on one memoized value;
 - :func:`check_tree` walks the result and returns only plain, checked values. The encoders in
   :mod:`studioserve.wire.formats` use it too, so that nothing is sent that this side would
   refuse on the other.
@@ -27,20 +32,23 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
 
-from ..errors import UnsafePickle, WireError
+from ..errors import PickleTooLarge, TooManyKeys, UnsafePickle, WireError
 from ._checks import (
     BUILTIN_DTYPES,
     canonical_dtype,
+    check_extent,
     check_shape,
     refuse_dtype,
     short_error,
     short_repr,
 )
+from .budget import Budget, DecodeLimits
 
 #: numpy dtype kinds a request may carry: bool, signed and unsigned int, float, complex.
 REQUEST_ARRAY_KINDS: Final = "biufc"
@@ -55,7 +63,7 @@ _ALLOWED_SUMMARY: Final = "only numpy arrays, dtypes, scalars and plain containe
 
 
 # --------------------------------------------------------------------------------------------
-# array checks and the allocation budget
+# array checks and the allocation budget's charges
 
 
 def _check_array(arr: np.ndarray[Any, Any], kinds: str) -> np.ndarray[Any, Any]:
@@ -64,26 +72,22 @@ def _check_array(arr: np.ndarray[Any, Any], kinds: str) -> np.ndarray[Any, Any]:
     return arr if type(arr) is np.ndarray else arr.view(np.ndarray)
 
 
-class _Budget:
-    """The bytes the restricted unpickler may allocate beyond the pickle's own objects.
+def _charge(budget: Budget, nbytes: int, what: str) -> None:
+    """Charge what one of our globals is about to copy or allocate while unpickling.
 
-    The C unpickler's objects cost at most a small constant per body byte, but our globals
-    copy data (``_codecs.encode``, ``bytearray``, array states), and a pickle can call them
-    again and again on one memoized value. Every copy is charged here, so the total stays
-    proportional to the body.
+    The pre-scan charged the C unpickler's own objects; our globals copy data
+    (``_codecs.encode``, ``bytearray``, array states), and a pickle can call them again and
+    again on one memoized value. Charging every copy keeps the total within the budget.
     """
-
-    __slots__ = ("left",)
-
-    def __init__(self, nbytes: int) -> None:
-        self.left = nbytes
-
-    def charge(self, nbytes: int, what: str) -> None:
-        self.left -= nbytes
-        if self.left < 0:
-            raise UnsafePickle(
-                f"refused {what}: the pickle builds far more data than its body holds"
-            )
+    budget.left -= nbytes
+    if budget.left < 0:
+        raise PickleTooLarge(
+            f"refused {what}: the pickle builds far more data than its body holds (more than "
+            f"the decode budget of {budget.limit} bytes for a body of {budget.length} bytes, "
+            f"{budget.limits.rule()})",
+            limit=budget.limit,
+            length=budget.length,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ class _GuardedArray(np.ndarray):  # type: ignore[type-arg]
     once, only on a fresh ``_reconstruct`` array. Every guarded array is turned back into a
     plain ndarray before :func:`safe_loads` returns."""
 
-    _budget: _Budget
+    _budget: Budget
     _settable: bool
 
     def __setstate__(self, state: Any) -> None:
@@ -198,6 +202,7 @@ class _GuardedArray(np.ndarray):  # type: ignore[type-arg]
         head = state[:-4]
         shape, dtype, fortran, raw = state[-4:]
         shape = check_shape(shape)
+        check_extent(shape, self._budget.limit)
         dtype = _real_dtype(dtype, RESPONSE_ARRAY_KINDS)
         if type(fortran) not in (bool, int):
             raise UnsafePickle("refused numpy array state: the order flag is not a bool")
@@ -206,7 +211,7 @@ class _GuardedArray(np.ndarray):  # type: ignore[type-arg]
                 f"refused numpy array state: data is {type(raw).__name__}, not bytes "
                 "(object arrays are not allowed)"
             )
-        self._budget.charge(len(raw), "numpy array data")
+        _charge(self._budget, len(raw), "numpy array data")
         super().__setstate__((*head, shape, dtype, bool(fortran), raw))
 
 
@@ -214,10 +219,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """A :class:`pickle.Unpickler` whose ``find_class`` only knows the globals numpy and the
     standard library use to pickle arrays, dtypes, scalars and plain containers."""
 
-    def __init__(self, file: io.BytesIO, *, kinds: str, nbytes: int) -> None:
+    def __init__(self, file: io.BytesIO, *, kinds: str, budget: Budget) -> None:
         super().__init__(file)
-        self._kinds = kinds
-        self._budget = _Budget(4 * nbytes + (1 << 20))
+        self._builders = _Builders(kinds, budget)
 
     def find_class(self, module: str, name: str) -> Any:
         factory = _ALLOWED_GLOBALS.get((module, name))
@@ -226,9 +230,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if len(what) > 100:
                 what = what[:97] + "..."
             raise UnsafePickle(f"refused to unpickle {what}: {_ALLOWED_SUMMARY}")
-        return factory(self)
+        return factory(self._builders)
 
-    # -- the allowed globals -----------------------------------------------------------------
+
+class _Builders:
+    """What the allowed globals do, for one unpickling. Apart from the unpickler, so that the
+    stand-ins its memo and stack hold never point back at it: no reference cycle, and the
+    unpickler's objects are freed the moment it is dropped, even after an error."""
+
+    __slots__ = ("_budget", "_kinds")
+
+    def __init__(self, kinds: str, budget: Budget) -> None:
+        self._kinds = kinds
+        self._budget = budget
 
     def _dtype(self, obj: Any, align: Any = False, copy: Any = True, *rest: Any) -> Any:
         if type(obj) is not str or rest:
@@ -242,6 +256,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise refuse_dtype(dtype, self._kinds)
         if dtype.names is not None or dtype.subdtype is not None:
             raise refuse_dtype(dtype, self._kinds, "structured")
+        _charge(self._budget, _GLOBAL, "a numpy dtype")
         return _DtypeProxy(dtype)
 
     def _reconstruct(self, cls: Any, shape: Any, typecode: Any) -> Any:
@@ -254,7 +269,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickle("refused numpy array typecode: expected a short type string")
         dtype = canonical_dtype(np.dtype(typecode), self._kinds)
         shape = check_shape(shape)
-        self._budget.charge(math.prod(shape) * dtype.itemsize, f"an array of shape {shape}")
+        _charge(
+            self._budget, _ARRAY + math.prod(shape) * dtype.itemsize, f"an array of shape {shape}"
+        )
+        check_extent(shape, self._budget.limit)
         arr = np.ndarray.__new__(_GuardedArray, shape, dtype)
         arr._budget = self._budget
         arr._settable = True
@@ -266,7 +284,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickle(
                 f"refused numpy scalar of dtype {dtype}: expected {dtype.itemsize} bytes of data"
             )
-        self._budget.charge(len(data), "a numpy scalar")
+        _charge(self._budget, _ARRAY + len(data), "a numpy scalar")
         return np.frombuffer(data, dtype=dtype)[0]
 
     def _frombuffer(
@@ -279,6 +297,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             )
         dtype = _real_dtype(dtype, self._kinds)
         shape = check_shape(shape)
+        check_extent(shape, self._budget.limit)
+        _charge(self._budget, 3 * _ARRAY, "an array view")
         if order not in ("C", "F", "K"):
             raise UnsafePickle(f"refused numpy array order {short_repr(order)}")
         arr = np.frombuffer(buf, dtype=dtype)
@@ -298,53 +318,54 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # Protocols 0-2 spell bytes as _codecs.encode(str, "latin1").
         if type(obj) is not str or encoding not in ("latin1", "latin-1") or errors != "strict":
             raise UnsafePickle("refused _codecs.encode: only str.encode('latin1') is allowed")
-        self._budget.charge(len(obj), "bytes")
+        _charge(self._budget, _BYTES + len(obj), "bytes")
         return obj.encode("latin1")
 
     def _set(self, items: Any = ()) -> Any:
         if type(items) not in (list, tuple, set, frozenset):
             raise UnsafePickle("refused set(): expected a list of items")
-        self._budget.charge(8 * len(items), "a set")
+        _charge(self._budget, _SET + _SET_ITEM * len(items), "a set")
         return set(items)
 
     def _frozenset(self, items: Any = ()) -> Any:
         if type(items) not in (list, tuple, set, frozenset):
             raise UnsafePickle("refused frozenset(): expected a list of items")
-        self._budget.charge(8 * len(items), "a frozenset")
+        _charge(self._budget, _SET + _SET_ITEM * len(items), "a frozenset")
         return frozenset(items)
 
     def _complex(self, real: Any = 0.0, imag: Any = 0.0) -> Any:
         if type(real) not in (int, float) or type(imag) not in (int, float):
             raise UnsafePickle("refused complex(): expected two numbers")
+        _charge(self._budget, _FLOAT + 8, "a complex")
         return complex(real, imag)
 
     def _bytes(self, source: Any = b"", *rest: Any) -> Any:
         # Protocols 0-2 spell b"" as bytes(). Never bytes(n), which allocates n bytes.
         if type(source) not in (bytes, bytearray) or rest:
             raise UnsafePickle("refused bytes(): expected bytes")
-        self._budget.charge(len(source), "bytes")
+        _charge(self._budget, _BYTES + len(source), "bytes")
         return bytes(source)
 
     def _bytearray(self, source: Any = b"", *rest: Any) -> Any:
         # Never bytearray(n): that would allocate n bytes the body did not pay for.
         if type(source) not in (bytes, bytearray) or rest:
             raise UnsafePickle("refused bytearray(): expected bytes")
-        self._budget.charge(len(source), "a bytearray")
+        _charge(self._budget, _BYTEARRAY + len(source), "a bytearray")
         return bytearray(source)
 
 
-def _global(name: str, method: str) -> Callable[[_RestrictedUnpickler], _SafeGlobal]:
-    def make(unpickler: _RestrictedUnpickler) -> _SafeGlobal:
-        return _SafeGlobal(name, getattr(unpickler, method))
+def _global(name: str, method: str) -> Callable[[_Builders], _SafeGlobal]:
+    def make(builders: _Builders) -> _SafeGlobal:
+        return _SafeGlobal(name, getattr(builders, method))
 
     return make
 
 
-def _ndarray(unpickler: _RestrictedUnpickler) -> _SafeGlobal:
+def _ndarray(builders: _Builders) -> _SafeGlobal:
     return _NDARRAY
 
 
-_ALLOWED_GLOBALS: Final[dict[tuple[str, str], Callable[[_RestrictedUnpickler], _SafeGlobal]]] = {
+_ALLOWED_GLOBALS: Final[dict[tuple[str, str], Callable[[_Builders], _SafeGlobal]]] = {
     ("numpy", "dtype"): _global("numpy.dtype", "_dtype"),
     ("numpy", "ndarray"): _ndarray,
     ("_codecs", "encode"): _global("_codecs.encode", "_encode"),
@@ -362,6 +383,10 @@ for _core in ("numpy.core", "numpy._core"):
 for _builtins in ("builtins", "__builtin__"):
     for _name in ("set", "frozenset", "complex", "bytes", "bytearray"):
         _ALLOWED_GLOBALS[(_builtins, _name)] = _global(_name, f"_{_name}")
+
+
+# --------------------------------------------------------------------------------------------
+# the opcode pre-scan: forbidden opcodes, memo indices, and what the C unpickler will allocate
 
 
 # Opcode argument layouts, for the pre-scan. Values >= 0 are fixed argument sizes.
@@ -410,91 +435,426 @@ _FORBIDDEN_TEXT: Final = {
     0x98: "out-of-band buffers (pickle without buffer_callback)",
 }
 
+# What the C unpickler (and check_tree after it) allocates, in bytes, from above: CPython's
+# object sizes with their allocator and growth overheads, measured with tracemalloc
+# (tests/wire/test_fuzz_decoders.py holds every accepted pickle to its budget).
+_SLOT: Final = 12  # one unpickler stack slot (the stack grows by 1/8 and may move)
+_MARK: Final = 32  # one entry of the mark stack, and the scan's own entry for it
+_MEMO: Final = 16  # one memo table slot (the table doubles)
+_CHECK: Final = 112  # check_tree's bookkeeping for one container (its done/active entries)
+_ITEM: Final = 16  # one list or tuple entry (with growth), and check_tree's copy of it
+_PAIR: Final = 240  # one dict entry (table growth), and check_tree's (key, value) pair
+_SET_ITEM: Final = 96  # one set entry (table growth), and check_tree's copy of it
+_LIST: Final = 56
+_DICT: Final = 64
+_SET: Final = 216
+_TUPLE: Final = 40
+_INT: Final = 32
+_FLOAT: Final = 24
+_STR: Final = 80
+_BYTES: Final = 40
+_BYTEARRAY: Final = 64
+_CALL: Final = 160  # what a call or BUILD makes that our globals do not charge themselves
+_ARRAY: Final = 112  # a numpy array object without its data
+_GLOBAL: Final = 256  # a global's stand-in and its module and name strings
 
-def _scan_pickle(data: bytes) -> None:
-    """Refuse opcodes we never accept and memo indices that would make the C unpickler
-    allocate far more memory than the body holds (``LONG_BINPUT 2**30`` is 5 bytes that ask
-    for gigabytes). Each memo entry takes at least one byte of pickle, so an index beyond its
-    own offset (plus some slack) is refused. Truncation and other damage is left to the
-    unpickler to report."""
+# Zero-argument opcodes whose stack effect does not depend on marks: (cost, stack change).
+_PLAIN_OPS: Final[dict[int, tuple[int, int]]] = {
+    ord("N"): (_SLOT, 1),
+    0x88: (_SLOT, 1),  # NEWTRUE
+    0x89: (_SLOT, 1),  # NEWFALSE
+    ord(")"): (_SLOT, 1),
+    ord("]"): (_LIST + _SLOT + _CHECK, 1),
+    ord("}"): (_DICT + _SLOT + _CHECK, 1),
+    0x8F: (_SET + _SLOT + _CHECK, 1),  # EMPTY_SET
+    ord("2"): (_SLOT, 1),  # DUP
+    0x94: (_MEMO, 0),  # MEMOIZE
+    0x85: (_TUPLE + 8 + _CHECK, 0),  # TUPLE1
+    0x86: (_TUPLE + 16 + _CHECK, -1),  # TUPLE2
+    0x87: (_TUPLE + 24 + _CHECK, -2),  # TUPLE3
+    ord("a"): (_ITEM, -1),  # APPEND
+    ord("s"): (_PAIR, -2),  # SETITEM
+    ord("R"): (_CALL, -1),  # REDUCE
+    ord("b"): (_CALL, -1),  # BUILD
+    0x81: (_CALL, -1),  # NEWOBJ
+    0x92: (_CALL, -2),  # NEWOBJ_EX
+    0x93: (_GLOBAL, -1),  # STACK_GLOBAL
+}
+# MARK then at once the opcode that pops it: an empty group, like a zero-argument opcode.
+_EMPTY_GROUPS: Final[dict[int, tuple[int, int]]] = {
+    ord("t"): (_SLOT, 1),  # (t: the empty tuple
+    ord("l"): (_LIST + _SLOT + _CHECK, 1),
+    ord("d"): (_DICT + _SLOT + _CHECK, 1),
+    0x91: (_SET + _SLOT + _CHECK, 1),  # FROZENSET
+    ord("e"): (0, 0),
+    ord("u"): (0, 0),
+    0x90: (0, 0),  # ADDITEMS
+    ord("1"): (0, 0),  # POP_MARK
+}
+_PLAIN_COST: Final = [_PLAIN_OPS.get(op, (-1, 0))[0] for op in range(256)]
+_PLAIN_DELTA: Final = [_PLAIN_OPS.get(op, (0, 0))[1] for op in range(256)]
+_GROUP_COST: Final = [_EMPTY_GROUPS.get(op, (-1, 0))[0] for op in range(256)]
+_GROUP_DELTA: Final = [_EMPTY_GROUPS.get(op, (0, 0))[1] for op in range(256)]
+# A run of plain opcodes and empty groups is costed at C speed, a window at a time: its bytes
+# are counted with numpy (a MARK in a run is always the first half of an empty group and costs
+# nothing itself; the group's opcode carries the group's cost).
+_RUN_COST: Final = np.array(
+    [max(_PLAIN_COST[op], _GROUP_COST[op], 0) for op in range(256)], dtype=np.int64
+)
+_RUN_DELTA: Final = np.array(
+    [_PLAIN_DELTA[op] + _GROUP_DELTA[op] for op in range(256)], dtype=np.int64
+)
+_RUN_BYTES: Final = re.compile(  # a character class: matched without backtracking state
+    b"[" + b"".join(re.escape(bytes([op])) for op in [*_PLAIN_OPS, 0x28, *_EMPTY_GROUPS]) + b"]+"
+)
+_IS_MARK: Final = np.zeros(256, dtype=bool)
+_IS_MARK[0x28] = True
+_IS_GROUP: Final = np.zeros(256, dtype=bool)
+_IS_GROUP[list(_EMPTY_GROUPS)] = True
+_MARKS: Final = re.compile(rb"\(+")
+_RUN_AFTER: Final = 32  # plain opcodes in a row before the rest of the run is costed at once
+_RUN_WINDOW: Final = 1 << 16
+
+
+def _run(data: bytes, i: int, n: int) -> tuple[int, int, int]:
+    """``(length, cost, stack change)`` of the run of plain opcodes and empty groups at ``i``,
+    at most one window long."""
+    match = _RUN_BYTES.match(data, i, min(n, i + _RUN_WINDOW))
+    if match is None:
+        return 0, 0, 0
+    seg = np.frombuffer(data, np.uint8, match.end() - i, i)
+    mark = _IS_MARK[seg]
+    group = _IS_GROUP[seg]
+    # every group opcode follows a MARK and every MARK precedes one, or the run ends there
+    bad = np.empty(len(seg) + 1, dtype=bool)
+    bad[0] = group[0]
+    bad[1:-1] = group[1:] != mark[:-1]
+    bad[-1] = True  # the end of the match
+    end = int(np.argmax(bad))
+    if mark[-1] if end == len(seg) else not group[end]:
+        end -= 1  # a MARK without its group opcode: the run ends before it
+    if end <= 0:
+        return 0, 0, 0
+    counts = np.bincount(seg[:end], minlength=256)
+    return end, int(counts @ _RUN_COST), int(counts @ _RUN_DELTA)
+
+
+# Fixed-size-argument opcodes: (cost, stack change); BINPUT, LONG_BINPUT and FRAME are special.
+_FIXED_OPS: Final[dict[int, tuple[int, int]]] = {
+    ord("K"): (_SLOT, 1),  # BININT1: a cached small int
+    ord("M"): (_SLOT + _INT, 1),
+    ord("J"): (_SLOT + _INT, 1),
+    ord("G"): (_SLOT + _FLOAT, 1),
+    ord("h"): (_SLOT, 1),  # BINGET
+    ord("j"): (_SLOT, 1),  # LONG_BINGET
+    0x80: (0, 0),  # PROTO
+}
+_FIXED_COST: Final = [_FIXED_OPS.get(op, (-1, 0))[0] for op in range(256)]
+_FIXED_DELTA: Final = [_FIXED_OPS.get(op, (0, 0))[1] for op in range(256)]
+_WIDE: Final = re.compile(rb"[\xe0-\xff]")  # a UTF-8 lead byte of a 3- or 4-byte character
+_ASTRAL: Final = re.compile(rb"[\xf0-\xff]")  # a UTF-8 lead byte of a 4-byte character
+
+
+def _utf8_width(data: bytes, start: int, end: int) -> int:
+    """The most bytes per character of a str decoded from UTF-8 ``data[start:end]``."""
+    if _WIDE.search(data, start, end) is None:
+        return 1
+    return 4 if _ASTRAL.search(data, start, end) is not None else 2
+
+
+def _escape_width(data: bytes, start: int, end: int) -> int:
+    """The most bytes per character of a str decoded from raw-unicode-escape ``data``."""
+    if data.find(b"\\U", start, end) >= 0:
+        return 4
+    return 2 if data.find(b"\\u", start, end) >= 0 else 1
+
+
+def _memo_refused(index: int, at: int, n: int) -> UnsafePickle:
+    return UnsafePickle(
+        f"refused pickle memo index {index} at byte {at}: a pickle of {n} bytes cannot need it"
+    )
+
+
+def _truncated(op: int, at: int, size: int, left: int) -> WireError:
+    return WireError(
+        f"body is not a valid pickle: opcode {bytes([op])!r} at byte {at} declares {size} "
+        f"bytes but only {left} remain (pickle data was truncated)"
+    )
+
+
+def _straddles(op: int, at: int) -> WireError:
+    return WireError(
+        f"body is not a valid pickle: opcode {bytes([op])!r} at byte {at} runs past the end of "
+        "its frame"
+    )
+
+
+def _scan_pickle(data: bytes, budget: Budget) -> None:
+    """Refuse opcodes we never accept, memo indices and lengths that would make the C unpickler
+    allocate memory the body does not hold, and charge ``budget`` what every opcode would make
+    before the unpickler runs.
+
+    ``LONG_BINPUT 2**30`` is 5 bytes that ask for gigabytes of memo table: each memo entry
+    takes at least one byte of pickle, so an index beyond its own offset (plus some slack) is
+    refused. ``BINBYTES8`` allocates its declared size before reading it, so a size beyond the
+    end is refused. An argument that runs past the end of its frame is refused too: the C
+    unpickler drops the rest of the frame there and reads on from after it, so it would not
+    read what this scan read. Then each opcode is charged its allocation (``EMPTY_SET``: 216
+    bytes for one byte of pickle), and the entries of lists, dicts and sets as the opcodes that
+    fill them pop their marks (the scan follows the stack depth and marks as the unpickler
+    does). Long runs of zero-argument opcodes are costed at C speed, so 8 MiB of them are
+    refused in milliseconds; other opcodes cost ~0.1-0.3 microseconds each to scan. Other
+    damage is left to the unpickler to report.
+
+    :raises UnsafePickle: for a forbidden opcode or memo index.
+    :raises PickleTooLarge: (413) when the objects would exceed ``budget``.
+    :raises WireError: for an unknown opcode or a length beyond the end.
+    """
     table = _OPCODES
+    plain_cost, plain_delta = _PLAIN_COST, _PLAIN_DELTA
+    group_cost, group_delta = _GROUP_COST, _GROUP_DELTA
+    fixed_cost, fixed_delta = _FIXED_COST, _FIXED_DELTA
+    limit = budget.left
     n = len(data)
     i = 0
+    cost = 0
+    depth = 0  # the unpickler's stack size
+    marks: list[int] = []  # the stack size at each mark
+    put_hi = 0  # memo slots charged for PUT indices
+    frame_end = 0  # where the current frame ends (0: none)
+    streak = 0
     while i < n:
+        if cost > limit:
+            raise budget.error(
+                f"the pickle (counting its opcodes up to byte {i})", cost, PickleTooLarge
+            )
+        if streak >= _RUN_AFTER:
+            length, c, delta = _run(data, i, n)
+            streak = _RUN_AFTER if length >= _RUN_WINDOW - 1 else 0
+            if length:
+                cost += c
+                depth += delta
+                i += length
+                continue
         op = data[i]
-        kind = table[op]
+        c = plain_cost[op]
         i += 1
-        if kind >= 0:
-            if op == 0x72:  # LONG_BINPUT
+        if c >= 0:
+            cost += c
+            depth += plain_delta[op]
+            streak += 1
+            continue
+        if op == 0x28:  # MARK
+            nxt = data[i] if i < n else 0
+            c = group_cost[nxt]
+            if c >= 0:  # an empty group
+                cost += c
+                depth += group_delta[nxt]
+                i += 1
+                streak += 1
+                continue
+            if nxt == 0x28:  # marks in a row: counted at C speed
+                match = _MARKS.match(data, i - 1)
+                assert match is not None
+                count = match.end() - i
+                i = match.end() - 1  # the last one may start an empty group
+            else:
+                count = 1
+            marks.extend([depth] * count)
+            cost += _MARK * count
+            streak = 0
+            continue
+        streak = 0
+        kind = table[op]
+        if kind == 0:  # an opcode that pops to a mark, or POP
+            fence = marks[-1] if marks else 0
+            if op == 0x30:  # POP: an object above the mark, else the mark itself
+                if depth > fence:
+                    depth -= 1
+                elif marks:
+                    marks.pop()
+                continue
+            if not marks:
+                break  # "could not find MARK": the unpickler stops here
+            marks.pop()
+            items = max(depth - fence, 0)
+            depth = fence
+            if op == 0x74:  # TUPLE
+                cost += _TUPLE + 8 * items + _CHECK + _ITEM * items
+                depth += 1
+            elif op == 0x6C:  # LIST
+                cost += _LIST + 8 * items + _CHECK + _ITEM * items
+                depth += 1
+            elif op == 0x64:  # DICT
+                cost += _DICT + _CHECK + _PAIR * (items // 2 + 1)
+                depth += 1
+            elif op == 0x91:  # FROZENSET
+                cost += _SET + _CHECK + _SET_ITEM * items
+                depth += 1
+            elif op == 0x65:  # APPENDS
+                cost += _ITEM * items
+            elif op == 0x75:  # SETITEMS
+                cost += _PAIR * (items // 2 + 1)
+            elif op == 0x90:  # ADDITEMS
+                cost += _SET_ITEM * items
+            elif op == 0x6F:  # OBJ
+                cost += _CALL + _TUPLE + 8 * items
+                depth += 1
+            # POP_MARK (1) pops the mark and its items
+            continue
+        if kind > 0:
+            if i < frame_end < i + kind:
+                raise _straddles(op, i - 1)
+            c = fixed_cost[op]
+            if c >= 0:
+                cost += c
+                depth += fixed_delta[op]
+            elif op == 0x71:  # BINPUT
+                if i < n and data[i] >= put_hi:
+                    cost += _MEMO * (data[i] + 1 - put_hi)
+                    put_hi = data[i] + 1
+            elif op == 0x72:  # LONG_BINPUT
                 index = int.from_bytes(data[i : i + 4], "little")
                 if index > i + _MEMO_SLACK:
-                    raise UnsafePickle(
-                        f"refused pickle memo index {index} at byte {i - 1}: a pickle of "
-                        f"{n} bytes cannot need it"
-                    )
+                    raise _memo_refused(index, i - 1, n)
+                if index >= put_hi:
+                    cost += _MEMO * (index + 1 - put_hi)
+                    put_hi = index + 1
+            elif op == 0x95:  # FRAME: the unpickler reads the frame into one buffer
+                size = int.from_bytes(data[i : i + 8], "little")
+                start = i + 8
+                if start < frame_end:  # within a frame, a frame must end before it does
+                    if start + size > frame_end:
+                        raise _straddles(op, i - 1)
+                else:
+                    frame_end = start + size
+                cost += min(size, n - i)
             i += kind
-        elif kind == _LINE:
+            continue
+        if kind == _LINE:
             end = data.find(b"\n", i)
             if end < 0:
-                return
+                break  # truncated: the unpickler reports it
+            if i < frame_end <= end:
+                raise _straddles(op, i - 1)
+            size = end - i
             if op == 0x70:  # PUT
                 try:
                     index = int(data[i:end])
                 except ValueError:
-                    return  # let the unpickler report it
+                    break  # let the unpickler report it
                 if index > i + _MEMO_SLACK:
-                    raise UnsafePickle(
-                        f"refused pickle memo index {index} at byte {i - 1}: a pickle of "
-                        f"{n} bytes cannot need it"
-                    )
+                    raise _memo_refused(index, i - 1, n)
+                if index >= put_hi:
+                    cost += _MEMO * (index + 1 - put_hi)
+                    put_hi = max(index + 1, 0)
+                cost += size
+            elif op == 0x49:  # INT: bools and small ints are cached
+                cost += _SLOT + size + (_INT + size if size > 2 else 0)
+                depth += 1
+            elif op == 0x4C:  # LONG
+                cost += _SLOT + _INT + 2 * size
+                depth += 1
+            elif op == 0x46:  # FLOAT
+                cost += _SLOT + _FLOAT + size
+                depth += 1
+            elif op == 0x53:  # STRING: the line, its unescaped bytes and the str
+                cost += _SLOT + _STR + 3 * size
+                depth += 1
+            elif op == 0x56:  # UNICODE (raw-unicode-escape)
+                cost += _SLOT + _STR + (1 + _escape_width(data, i, end)) * size
+                depth += 1
+            else:  # GET
+                cost += _SLOT + size
+                depth += 1
             i = end + 1
-        elif kind == _LINE2:
-            end = data.find(b"\n", i)
-            end = data.find(b"\n", end + 1) if end >= 0 else -1
+            continue
+        if kind == _LINE2:
+            first = data.find(b"\n", i)
+            end = data.find(b"\n", first + 1) if first >= 0 else -1
             if end < 0:
-                return
+                break
+            if i < frame_end <= first or first + 1 < frame_end <= end:
+                raise _straddles(op, i - 1)
+            cost += _GLOBAL + 2 * (end - i)
+            if op == 0x69:  # INST: a global called on the items above the mark
+                if not marks:
+                    break
+                fence = marks.pop()
+                cost += _CALL + _TUPLE + 8 * max(depth - fence, 0)
+                depth = fence
+            depth += 1
             i = end + 1
-        elif kind == _LEN1:
-            if i >= n:
-                return
-            i += 1 + data[i]
-        elif kind == _LEN4:
-            i += 4 + int.from_bytes(data[i : i + 4], "little")
-        elif kind == _LEN4S:
-            size = int.from_bytes(data[i : i + 4], "little", signed=True)
-            if size < 0:
-                return  # the unpickler refuses negative sizes
-            i += 4 + size
-        elif kind == _LEN8:
-            i += 8 + int.from_bytes(data[i : i + 8], "little")
-        elif kind == _STOP:
-            return
-        elif kind == _FORBIDDEN:
+            continue
+        if kind == _STOP:
+            break
+        if kind == _FORBIDDEN:
             raise UnsafePickle(
                 f"refused pickle opcode {bytes([op])!r} at byte {i - 1}: "
                 f"{_FORBIDDEN_TEXT[op]} are not allowed"
             )
-        else:
+        if kind == _UNKNOWN:
             raise WireError(
                 f"body is not a valid pickle: unknown opcode {bytes([op])!r} at byte {i - 1}"
             )
+        # a length, then that many bytes
+        start = i
+        if kind == _LEN1:
+            if i >= n:
+                break
+            size = data[i]
+            i += 1
+        elif kind == _LEN4:
+            size = int.from_bytes(data[i : i + 4], "little")
+            i += 4
+        elif kind == _LEN4S:
+            size = int.from_bytes(data[i : i + 4], "little", signed=True)
+            if size < 0:
+                break  # the unpickler refuses negative sizes
+            i += 4
+        else:
+            size = int.from_bytes(data[i : i + 8], "little")
+            i += 8
+        if size > n - i:
+            raise _truncated(op, start - 1, size, max(n - i, 0))
+        if start < frame_end < i or (size and i < frame_end < i + size):
+            raise _straddles(op, start - 1)
+        # every argument is read into a buffer of its size first, then copied or decoded
+        if op in (0x8C, 0x58, 0x8D):  # SHORT_BINUNICODE, BINUNICODE, BINUNICODE8
+            cost += _SLOT + _STR + (1 + _utf8_width(data, i, i + size)) * size
+        elif op in (0x43, 0x42, 0x8E):  # SHORT_BINBYTES, BINBYTES, BINBYTES8
+            cost += _SLOT + _BYTES + 2 * size
+        elif op == 0x96:  # BYTEARRAY8
+            cost += _SLOT + _BYTEARRAY + 2 * size
+        elif op in (0x8A, 0x8B):  # LONG1, LONG4
+            cost += _SLOT + _INT + 3 * size
+        else:  # SHORT_BINSTRING, BINSTRING: bytes decoded to str
+            cost += _SLOT + _STR + 3 * size
+        depth += 1
+        i += size
+    if cost > limit:
+        raise budget.error("the pickle", cost, PickleTooLarge)
+    budget.charge(cost, "the pickle")
 
 
 _PLAIN_TYPES: Final = frozenset({str, int, float, bool, type(None), bytes, complex})
 
 
-def check_tree(value: Any, kinds: str, max_depth: int, *, in_place: bool) -> Any:
+def check_tree(
+    value: Any, kinds: str, max_depth: int, *, in_place: bool, max_keys: int | None = None
+) -> Any:
     """Check a value tree; return it with every array a plain ndarray and every dtype canonical.
 
     Refuses anything outside the allowed types, arrays with disallowed dtypes, nesting deeper
-    than ``max_depth`` and self-referencing containers. Shared sub-values are visited once.
-    With ``in_place``, changed dicts and lists are updated rather than copied (for values the
-    caller owns, like a freshly loaded pickle).
+    than ``max_depth``, self-referencing containers and (with ``max_keys``) more dict keys than
+    that in all. Shared sub-values are visited once. With ``in_place``, changed dicts and lists
+    are updated rather than copied (for values the caller owns, like a freshly loaded pickle).
     """
     done: dict[int, Any] = {}
     active: set[int] = set()
     plain = _PLAIN_TYPES
     builtin = BUILTIN_DTYPES
+    keys_left = [max_keys if max_keys is not None else -1]
 
     def visit(obj: Any, depth: int) -> Any:
         t = type(obj)
@@ -517,6 +877,10 @@ def check_tree(value: Any, kinds: str, max_depth: int, *, in_place: bool) -> Any
             active.add(oid)
             depth += 1
             if t is dict:
+                if max_keys is not None:
+                    keys_left[0] -= len(obj)
+                    if keys_left[0] < 0:
+                        raise TooManyKeys(max_keys, what="the body")
                 changed = False
                 items = []
                 for k, v in obj.items():
@@ -559,6 +923,8 @@ def safe_loads(
     *,
     array_kinds: str = REQUEST_ARRAY_KINDS,
     max_depth: int = MAX_DEPTH,
+    limits: DecodeLimits | None = None,
+    budget: Budget | None = None,
 ) -> Any:
     """Unpickle ``data`` allowing only numpy arrays, dtypes, scalars and plain values.
 
@@ -570,9 +936,16 @@ def safe_loads(
     :param array_kinds: the numpy dtype kinds allowed for arrays and scalars
         (:data:`REQUEST_ARRAY_KINDS` or :data:`RESPONSE_ARRAY_KINDS`).
     :param max_depth: the deepest container nesting allowed.
+    :param limits: the decode limits (None: :class:`~studioserve.wire.budget.DecodeLimits`'s
+        defaults); the budget is ``limits.budget(len(data))``, the key limit ``max_keys``.
+    :param budget: the request's budget, when the caller already made one (it wins).
     :raises UnsafePickle: for a forbidden global (the message names it, e.g. ``posix.system``),
         an object or structured dtype, or a pickle built to exhaust memory.
-    :raises WireError: for bytes that are not a valid pickle, or data nested too deeply.
+    :raises PickleTooLarge: (413, also an UnsafePickle) for a pickle that would build more than
+        its decode budget.
+    :raises TooManyKeys: (413) for more dict keys than ``limits.max_keys``.
+    :raises WireError: for bytes that are not a valid pickle, data nested too deeply, or an
+        array shape that spans more elements than the budget.
 
     Example::
 
@@ -584,12 +957,18 @@ def safe_loads(
     data = bytes(data)
     if not data:
         raise WireError("body is not a valid pickle: it is empty")
-    _scan_pickle(data)
-    unpickler = _RestrictedUnpickler(io.BytesIO(data), kinds=array_kinds, nbytes=len(data))
+    if limits is None:
+        limits = budget.limits if budget is not None else DecodeLimits()
+    if budget is None:
+        budget = limits.budget(len(data))
+    _scan_pickle(data, budget)
+    unpickler = _RestrictedUnpickler(io.BytesIO(data), kinds=array_kinds, budget=budget)
     try:
         value = unpickler.load()
     except WireError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside the unpickler is bad input
         raise WireError(f"body is not a valid pickle: {short_error(e)}") from None
-    return check_tree(value, array_kinds, max_depth, in_place=True)
+    finally:
+        del unpickler  # its stack and memo: freed now, not at the next collection
+    return check_tree(value, array_kinds, max_depth, in_place=True, max_keys=limits.max_keys)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import shutil
 import socket
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import version
 from typing import Any
@@ -150,18 +154,120 @@ def test_an_unknown_server_kind_is_a_config_error() -> None:
         make_http_server(tiny_app, "127.0.0.1", 0, 2, "nginx")
 
 
-@pytest.mark.parametrize("kind", sorted(HTTP_SERVERS))
-def test_a_port_in_use_is_a_clear_config_error(kind: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        with pytest.raises(ConfigError) as info:
-            make_http_server(tiny_app, "127.0.0.1", port, 2, kind)
+def _assert_in_use_error(info: pytest.ExceptionInfo[ConfigError], port: int) -> None:
     message = str(info.value)
     assert f"cannot listen on 127.0.0.1:{port}" in message
     assert f"Port {port} may be in use by another program" in message
     assert "--port (0 picks a free one)" in message
+
+
+@pytest.mark.parametrize("kind", sorted(HTTP_SERVERS))
+def test_a_port_in_use_is_a_clear_config_error(kind: str) -> None:
+    for reuse in (False, True):  # a listener with SO_REUSEADDR holds its port all the same
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            if reuse:
+                taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            with pytest.raises(ConfigError) as info:
+                make_http_server(tiny_app, "127.0.0.1", port, 2, kind)
+        _assert_in_use_error(info, port)
+
+
+@pytest.mark.parametrize("holder", sorted(HTTP_SERVERS))
+@pytest.mark.parametrize("kind", sorted(HTTP_SERVERS))
+def test_a_port_a_running_server_listens_on_is_refused(holder: str, kind: str) -> None:
+    """granian sets SO_REUSEPORT on its listener; the bind probe (without it) keeps a second
+    server off the port rather than sharing it."""
+    first = make_http_server(tiny_app, "127.0.0.1", 0, 2, holder)
+    try:
+        first.start()
+        with pytest.raises(ConfigError) as info:
+            make_http_server(tiny_app, "127.0.0.1", first.port, 2, kind)
+        _assert_in_use_error(info, first.port)
+        assert get(first) == (200, b"hello /ping")  # the first one still serves alone
+    finally:
+        first.stop()
+
+
+def keep_alive_load(
+    port: int, clients: int, seconds: float
+) -> tuple[list[int], threading.Event, threading.Event]:
+    """``clients`` threads, each sending GETs on one kept-alive connection for ``seconds`` (or
+    until the server goes, or ``idle`` is set), then holding it open, idle, until ``release``
+    is set; each appends its count on going idle. Returns (counts, idle, release)."""
+    idle, release = threading.Event(), threading.Event()
+    counts: list[int] = []
+    ready = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        n = 0
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        deadline = time.monotonic() + seconds
+        ready.wait(10)
+        try:
+            while not idle.is_set() and time.monotonic() < deadline:
+                conn.request("GET", "/ping")
+                resp = conn.getresponse()
+                resp.read()
+                n += 1
+                if resp.will_close:  # the server is stopping
+                    break
+        except (OSError, http.client.HTTPException):
+            pass  # the server stopped under us
+        counts.append(n)
+        release.wait(seconds + 10)
+        conn.close()
+
+    for _ in range(clients):
+        threading.Thread(target=client, daemon=True).start()
+    ready.wait(10)
+    return counts, idle, release
+
+
+def time_wait_on(port: int) -> int | None:
+    """How many TIME-WAIT sockets have ``port`` as their local port (None without ``ss``)."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-tan", "state", "time-wait", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if f":{port} " in line)
+
+
+@pytest.mark.parametrize("kind", sorted(HTTP_SERVERS))
+def test_a_stopped_servers_port_can_be_listened_on_again_at_once(kind: str) -> None:
+    """A server stopped after keep-alive load closes its clients' open connections, which
+    leaves them in TIME-WAIT on its port for a minute; the next server binds it at once
+    (SO_REUSEADDR) instead of failing with 'Address already in use'."""
+    server = make_http_server(tiny_app, "127.0.0.1", 0, 4, kind)
+    server.start()
+    port = server.port
+    counts, idle, release = keep_alive_load(port, clients=8, seconds=5.0)
+    try:
+        time.sleep(0.5)
+        idle.set()
+        deadline = time.monotonic() + 10
+        while len(counts) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(counts) == 8, counts
+        assert min(counts) > 0, counts
+        server.stop()  # it closes the 8 kept-alive connections first: TIME-WAIT on its side
+    finally:
+        release.set()
+    waiting = time_wait_on(port)
+    assert waiting is None or waiting >= 8, "no TIME-WAIT on the port: the test proves nothing"
+    again = make_http_server(tiny_app, "127.0.0.1", port, 2, kind)
+    try:
+        again.start()
+        assert get(again) == (200, b"hello /ping")
+    finally:
+        again.stop()
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ from studioserve.errors import (
     PipeClosed,
     PipelineError,
 )
-from studioserve.pipelines import BatchEvent, ModelPipe
+from studioserve.pipelines import BatchEvent, ModelPipe, PipeLoad
 
 
 class Gate:
@@ -616,6 +616,59 @@ def test_stats_count_items_batches_failures_and_in_flight(gate: Gate) -> None:
     assert st.max_batch_size == 8
 
 
+def test_load_of_an_idle_pipe_and_of_one_without_stages_is_zero() -> None:
+    with ModelPipe() as pipe:
+        pipe.add(times10, max_batch_size=4, num_workers=2)
+        assert pipe.load() == PipeLoad(round_rows=8)  # 4 rows a batch, 2 workers
+        assert pipe.submit(1).result() == 10
+        idle = pipe.load()
+    assert (idle.expected_wait, idle.oldest_wait, idle.queued, idle.full) == (0.0, 0.0, 0, False)
+    assert idle.batch_seconds > 0  # measured by the batch that ran
+    assert idle.round_rows == 8
+    with ModelPipe() as inline:
+        inline.add(lambda x: x + 1)
+        assert inline.submit(1).result() == 2
+        assert inline.load() == PipeLoad()
+
+
+def test_load_reports_whole_batches_queued_ahead_and_the_oldest_wait() -> None:
+    entered, permits = threading.Event(), threading.Semaphore(0)
+
+    def held(batch: list[int]) -> list[int]:
+        entered.set()
+        assert permits.acquire(timeout=10)
+        return batch
+
+    with ModelPipe(queue_size=7) as pipe:
+        pipe.add(held, max_batch_size=2, name="m")
+        first = pipe.submit(0)
+        assert entered.wait(10)  # the worker holds [0]
+        futs = [pipe.submit(i) for i in range(1, 8)]  # 7 queued: the queue is full
+        full = pipe.load()
+        assert (full.queued, full.full, full.batch_seconds) == (7, True, 0.0)
+        assert full.expected_wait == 0.0  # nothing measured yet
+        assert full.oldest_wait > 0
+        time.sleep(0.1)
+        permits.release()  # [0] took >= 0.1 s; the worker takes [1, 2] and holds it
+        assert first.result(10) == 0
+        load = pipe.load()
+        for _ in range(1000):  # bounded: until the worker has taken its next batch
+            if load.queued == 5:
+                break
+            time.sleep(0.005)
+            load = pipe.load()
+        assert load.queued == 5
+        assert not load.full
+        assert load.round_rows == 2
+        assert load.batch_seconds >= 0.1
+        # 5 rows queued, 2 per batch: two whole batches ahead of a new item
+        assert load.expected_wait == pytest.approx(2 * load.batch_seconds)
+        assert load.oldest_wait >= 0.1
+        permits.release(10)
+        assert [f.result(10) for f in futs] == list(range(1, 8))
+    assert pipe.load().queued == 0
+
+
 def test_public_names() -> None:
     assert set(pipelines.__all__) == {
         "AIMDController",
@@ -630,6 +683,7 @@ def test_public_names() -> None:
         "Overloaded",
         "PipeClosed",
         "PipelineError",
+        "PipeLoad",
         "PipeStats",
         "StageStats",
         "collate",
