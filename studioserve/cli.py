@@ -335,7 +335,8 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     type=click.IntRange(min=1),
     default=_default("max_keys"),
     show_default=True,
-    help="Most keys (JSON object members, dict entries) one request body may carry (more: 413).",
+    help="Most dict keys a request may hold in all (JSON members, pickled dicts, npz members; "
+    "OIP: inputs and outputs); more is 413.",
 )
 @click.option(
     "--max-queue-ms",

@@ -26,7 +26,6 @@ from ..wire.oip_codec import (
     InferRequest,
     bad_request,
     decode_infer_request,
-    decompress,
     encode_infer_response,
 )
 from .inference import InferenceRequest, Protocol, Reply
@@ -113,10 +112,12 @@ class OipProtocol(Protocol):
         self.check_model(request.model or "", request.version)
 
     def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
-        encoding = (request.header("Content-Encoding") or "").strip().lower()
-        if encoding and encoding != "identity":
-            body = decompress(body, encoding, self.max_body)
-        req = decode_infer_request(body, request.header(HEADER_LENGTH), limits=self.limits)
+        req = decode_infer_request(
+            body,
+            request.header(HEADER_LENGTH),
+            limits=self.limits,
+            content_encoding=request.header("Content-Encoding"),
+        )
         return self.to_service(req), req
 
     def encode(
