@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 
-.PHONY: venv test lint typecheck pytest demo bench fuzz clean
+.PHONY: venv test lint typecheck pytest demo bench fuzz overload soak clean
 
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: venv
 # The decoder fuzzing suite's long run (tests/wire/test_fuzz_decoders.py; `make test` runs it short).
 fuzz: venv
 	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests/wire/test_fuzz_decoders.py -q -p no:cacheprovider --timeout=0
+
+# Load shedding at 4x/10x/50x a slow model's capacity (~75 s), and the ten-minute soak of mixed
+# valid and hostile traffic against the MLP (~11 min); both print PASS/FAIL per target.
+overload: venv
+	$(BIN)/python bench/bench_overload.py
+
+soak: venv
+	$(BIN)/python bench/bench_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

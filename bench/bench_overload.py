@@ -62,11 +62,13 @@ from benchlib import (  # noqa: E402
     AsyncHttpConnection,
     RssSampler,
     ServerProcess,
+    Target,
     add_experiment,
     fmt_num,
     http_post,
     load_str,
     loadavg,
+    passed,
     percentile,
     python_env,
     rss_bytes,
@@ -237,16 +239,6 @@ def run_level(
 
 
 # -- targets and tables --------------------------------------------------------------------------
-
-
-Target = tuple[float, str, float, str]  # (value, comparison, threshold, unit)
-
-
-def passed(t: Target) -> bool:
-    value, op, threshold, _ = t
-    if value != value:  # NaN: not measured
-        return False
-    return {"<": value < threshold, "<=": value <= threshold, ">=": value >= threshold}[op]
 
 
 def level_targets(

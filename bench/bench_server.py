@@ -49,12 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     PICKLE,
     ServerProcess,
+    Target,
     WrkResult,
     fmt_num,
     http_post,
     load_str,
     loadavg,
     median,
+    passed,
     python_env,
     ratio,
     run_wrk,
@@ -462,16 +464,6 @@ def figures(
         }
         out[p.key()] = f
     return out
-
-
-Target = tuple[float, str, float, str]  # (value, comparison, threshold, unit)
-
-
-def passed(t: Target) -> bool:
-    value, op, threshold, _ = t
-    if value != value:  # NaN: not measured
-        return False
-    return {"<": value < threshold, "<=": value <= threshold, ">=": value >= threshold}[op]
 
 
 def targets(

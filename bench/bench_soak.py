@@ -105,9 +105,11 @@ from benchlib import (  # noqa: E402
     HttpResult,
     RssSampler,
     ServerProcess,
+    Target,
     add_experiment,
     fmt_num,
     load_str,
+    passed,
     percentile,
     python_env,
     rss_bytes,
@@ -803,16 +805,6 @@ def alive(url: str) -> bool:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-
-
-Target = tuple[float, str, float, str]  # (value, comparison, threshold, unit)
-
-
-def passed(t: Target) -> bool:
-    value, op, threshold, _ = t
-    if value != value:  # NaN: not measured
-        return False
-    return {"<": value < threshold, "<=": value <= threshold, ">=": value >= threshold}[op]
 
 
 CLASS_HEADERS = [

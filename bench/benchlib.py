@@ -410,6 +410,17 @@ class ServerProcess:
 
 # -- numbers and tables --------------------------------------------------------------------------
 
+#: a benchmark's target: (value, comparison, threshold, unit)
+Target = tuple[float, str, float, str]
+
+
+def passed(t: Target) -> bool:
+    """Whether a target is met (NaN, not measured, never is)."""
+    value, op, threshold, _ = t
+    if value != value:  # NaN: not measured
+        return False
+    return {"<": value < threshold, "<=": value <= threshold, ">=": value >= threshold}[op]
+
 
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v == v]  # drop NaN
