@@ -123,7 +123,7 @@ class AdmissionController:
         wait = 0.0
         with self._lock:  # decide and count at once: concurrent requests see each other
             in_flight = self._in_flight
-            if cap is not None and in_flight >= cap:
+            if cap is not None and in_flight >= cap and self._cap_binds(load, cap):
                 reason: str | None = "in_flight"
             elif load is None:
                 reason = None
@@ -137,6 +137,22 @@ class AdmissionController:
             self.refused += 1
             self.refused_by[reason] += 1
         raise self._refusal(reason, load, wait, in_flight)
+
+    def _cap_binds(self, load: PipeLoad | None, cap: int) -> bool:
+        """Whether the in-flight cap refuses now: only when the model is slow for the bound.
+
+        With every admitted slot taken, new requests wait for a thread in the HTTP server's
+        own queue, unseen here, for about the time the model takes to turn the slots over
+        (``cap`` rows at its measured rate). A model that turns them over in a small part of
+        the queue bound (most models: a batch of many rows in milliseconds) keeps that wait
+        short, so its requests are served, not shed, however many clients keep connections
+        open; a slow one, one not yet measured, or one whose rate is unknown (no pipe, or no
+        batching stage) is capped, so the backlog drains as 503s.
+        """
+        if load is None or load.round_rows < 1 or load.batch_seconds <= 0:
+            return True
+        turnover = cap * load.batch_seconds / load.round_rows
+        return turnover > self.max_queue_time / 16
 
     def release(self) -> None:
         """Give back the slot :meth:`admit` took."""
