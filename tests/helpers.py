@@ -6,6 +6,7 @@ import http.client
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -131,3 +132,17 @@ def gated_pipe(
     pipe = ModelPipe(queue_size=queue_size, name="gated")
     pipe.add(fn, max_batch_size=max_batch_size)
     return pipe, gate, entered
+
+
+def time_wait_on(port: int) -> int | None:
+    """How many TIME-WAIT sockets have ``port`` as their local port (None without ``ss``)."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-tan", "state", "time-wait", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if f":{port} " in line)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import http.client
 import logging
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,7 @@ from studioserve.http.servers import (
     reset_granian_check,
     url_for,
 )
+from tests.helpers import time_wait_on
 
 
 def tiny_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -224,20 +223,6 @@ def keep_alive_load(
         threading.Thread(target=client, daemon=True).start()
     ready.wait(10)
     return counts, idle, release
-
-
-def time_wait_on(port: int) -> int | None:
-    """How many TIME-WAIT sockets have ``port`` as their local port (None without ``ss``)."""
-    if shutil.which("ss") is None:
-        return None
-    out = subprocess.run(
-        ["ss", "-tan", "state", "time-wait", f"( sport = :{port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    return sum(1 for line in out.splitlines() if f":{port} " in line)
 
 
 @pytest.mark.parametrize("kind", sorted(HTTP_SERVERS))

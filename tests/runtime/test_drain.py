@@ -15,10 +15,8 @@ import http.client
 import json
 import os
 import pickle
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from studioserve.models import PipeModel
 from studioserve.pipelines import ModelPipe
 from studioserve.runtime import ModelServer
 from studioserve.tensors import TensorSpec
-from tests.helpers import start_cli
+from tests.helpers import start_cli, time_wait_on
 
 CLIENTS = 32
 BODY = pickle.dumps({"x": np.zeros((1, 4), np.float32)})
@@ -138,20 +136,6 @@ class Load:
             f"{sum(self.statuses.values())} answered {dict(self.statuses)}, "
             f"{len(self.dropped)} dropped {self.dropped[:8]}, {self.refused} refused at connect"
         )
-
-
-def time_wait_on(port: int) -> int | None:
-    """How many TIME-WAIT sockets have ``port`` as their local port (None without ``ss``)."""
-    if shutil.which("ss") is None:
-        return None
-    out = subprocess.run(
-        ["ss", "-tan", "state", "time-wait", f"( sport = :{port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    return sum(1 for line in out.splitlines() if f":{port} " in line)
 
 
 def _idle_connection(port: int) -> socket.socket:
