@@ -114,13 +114,30 @@ def main() -> None:
 def _print_ready(server: ModelServer, *, token_shown: bool = True) -> None:
     service = server.service
     assert service is not None
-    model = service.model
-    click.echo(f"Serving experiment {server.config.key!r} at {server.url}")
-    click.echo(f"  model: {model.kind} from {model.source}")
-    ins = ", ".join(s.describe() for s in model.inputs) or "any (no signature)"
-    outs = ", ".join(s.describe() for s in model.outputs) or "any"
-    click.echo(f"  inputs:  {ins}")
-    click.echo(f"  outputs: {outs}")
+    entries = service.repository.models()
+    if len(entries) == 1:
+        click.echo(f"Serving experiment {entries[0].name!r} at {server.url}")
+    else:
+        click.echo(f"Serving {len(entries)} models at {server.url}")
+    for entry in entries:
+        latest = entry.latest
+        if latest is None:
+            click.echo(f"  {entry.name}: not loaded ({entry.reason})")
+            continue
+        model = latest.model
+        if len(entries) > 1:
+            click.echo(f"  {entry.name}: {server.url}/models/{entry.name}")
+            prefix = "    "
+        else:
+            prefix = "  "
+        versions = ", ".join(str(v) for v in entry.versions)
+        click.echo(f"{prefix}model: {model.kind} from {model.source} (version {versions})")
+        ins = ", ".join(s.describe() for s in model.inputs) or "any (no signature)"
+        outs = ", ".join(s.describe() for s in model.outputs) or "any"
+        click.echo(f"{prefix}inputs:  {ins}")
+        click.echo(f"{prefix}outputs: {outs}")
+    if server.config.watch is not None:
+        click.echo(f"  watching the store every {server.config.watch:g}s for new checkpoints")
     if server.token and token_shown:
         click.echo(f"  token: {server.token}  (send 'Authorization: Bearer <token>')")
     elif server.token:
@@ -255,7 +272,36 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command()
-@click.argument("key")
+@click.argument("keys", nargs=-1, metavar="KEY[@VERSION]...")
+@click.option(
+    "--all",
+    "all_models",
+    is_flag=True,
+    help="Serve every experiment in the store (with --watch: new ones appear, removed ones go).",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=5.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Poll the store every SECONDS (default 5) and hot-reload new checkpoints with no "
+    "failed request.",
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Copies of each model's batched stage fed by one queue (default: serving.toml, else "
+    "1; on a GPU machine spread over the GPUs).",
+)
+@click.option(
+    "--version-policy",
+    default=None,
+    help="Versions to serve for every model: latest, latest:N, all or specific:1,3 "
+    "(default: serving.toml, else latest). KEY@V pins one model's version.",
+)
 @click.option(
     "--wrapper",
     "-w",
@@ -361,21 +407,44 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging (one line per request).")
 @cloud_options
 def serve(
-    key: str, token: str | None, token_file: Path | None, cloud: CloudArgs, **settings: Any
+    keys: tuple[str, ...],
+    token: str | None,
+    token_file: Path | None,
+    cloud: CloudArgs,
+    **settings: Any,
 ) -> None:
     """Serve experiment KEY's latest checkpoint (or --wrapper's model) over HTTP.
 
-    With --cloud ec2|gcloud it runs on a new cloud instance that deletes itself after
-    --killafter seconds without inference requests (and at --max-lifetime at the latest).
+    Several KEYs (or --all) serve several models, each at /models/KEY and /v2/models/KEY;
+    KEY@V pins version V. With --cloud ec2|gcloud it runs on a new cloud instance that
+    deletes itself after --killafter seconds without inference requests (and at
+    --max-lifetime at the latest).
     """
     # every option but --token-file and the cloud ones is named after its ServeConfig field
     configure_logging(settings["verbose"])
     from .runtime import serve as run_server
     from .store import validate_key
 
-    validate_key(key)
-    config = ServeConfig(key=key, token=_read_token(token, token_file), **settings)
+    if not keys and not settings["all_models"]:
+        raise click.UsageError("name the experiment(s) to serve (KEY [KEY ...]) or pass --all")
+    for spec in keys:
+        validate_key(spec.partition("@")[0])
+    ctx = click.get_current_context()
+    explicit = frozenset(
+        name
+        for name in settings
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    )
+    if settings["version_policy"] is not None:
+        from .model_config import parse_version_policy
+
+        parse_version_policy(settings["version_policy"], source="--version-policy")
+    config = ServeConfig(
+        keys=keys, token=_read_token(token, token_file), explicit=explicit, **settings
+    )
     if cloud.cloud is not None:
+        if len(config.keys) != 1 or config.all_models:
+            raise click.UsageError("--cloud serves one experiment: name exactly one KEY")
         _serve_on_cloud(config, cloud.options())
         return
     code = run_server(
@@ -464,6 +533,12 @@ def experiments() -> None:
 @click.option("--description", default="", help="A note kept in experiment.json.")
 @click.option("--framework", default="", help="e.g. keras (kept in experiment.json).")
 @click.option("--force", is_flag=True, help="Replace an existing experiment with this key.")
+@click.option(
+    "--serving-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A serving.toml to keep beside the modeldir (batching, versions, instances, ensembles).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def experiments_add(
     key: str,
@@ -472,13 +547,24 @@ def experiments_add(
     description: str,
     framework: str,
     force: bool,
+    serving_config: Path | None,
     quiet: bool,
 ) -> None:
     """Copy DIRECTORY into the store as experiment KEY's modeldir."""
     configure_logging(False)
+    if serving_config is not None:  # refuse a broken file before anything is copied
+        from .model_config import ModelConfig
+
+        ModelConfig.from_toml(serving_config.read_bytes(), source=str(serving_config))
     with _store(store) as s:
         s.add(
-            key, directory, description=description, framework=framework, force=force, quiet=quiet
+            key,
+            directory,
+            description=description,
+            framework=framework,
+            force=force,
+            quiet=quiet,
+            serving_config=serving_config,
         )
     click.echo(f"added {key} to {s.url}")
 

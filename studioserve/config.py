@@ -87,7 +87,20 @@ def is_loopback(host: str) -> bool:
 class ServeConfig:
     """Everything ``studio serve`` needs; built by the CLI, consumed by :func:`studioserve.serve`.
 
-    :param key: the experiment key.
+    :param key: the experiment key (the first of ``keys`` when several are served; ``""``
+        with ``all_models``).
+    :param keys: every model to serve, each ``KEY`` or ``KEY@V`` (``V`` pins that version);
+        empty: just ``key``.
+    :param all_models: serve every experiment in the store (``--all``; with ``watch``,
+        experiments added to or removed from the store appear and disappear).
+    :param watch: poll the store every this many seconds and hot-reload what changed
+        (None: never).
+    :param instances: copies of each model's batched stage (``--instances``; None: the
+        model's serving.toml, else 1).
+    :param version_policy: every model's version policy (``latest``, ``latest:N``, ``all``,
+        ``specific:1,3``; None: the model's serving.toml, else ``latest``).
+    :param explicit: the fields set on purpose (the CLI's options given), which override
+        each model's serving.toml; None: the fields that differ from their defaults.
     :param store: the store URL (None: the default store).
     :param wrapper: a wrapper file path or module name, or None.
     :param host: the address to bind; any non-loopback address turns on token auth.
@@ -113,7 +126,13 @@ class ServeConfig:
     :param verbose: debug logging.
     """
 
-    key: str
+    key: str = ""
+    keys: tuple[str, ...] = ()
+    all_models: bool = False
+    watch: float | None = None
+    instances: int | None = None
+    version_policy: str | None = None
+    explicit: frozenset[str] | None = None
     store: str | None = None
     wrapper: str | None = None
     host: str = DEFAULT_HOST
@@ -135,6 +154,16 @@ class ServeConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
+        if not self.keys and self.key:
+            object.__setattr__(self, "keys", (self.key,))
+        if self.keys and not self.key:
+            object.__setattr__(self, "key", self.keys[0].partition("@")[0])
+        if not self.keys and not self.all_models:
+            raise ConfigError("name an experiment key to serve (or pass --all)")
+        if self.watch is not None and self.watch <= 0:
+            raise ConfigError("--watch must be > 0 seconds")
+        if self.instances is not None and self.instances < 1:
+            raise ConfigError("--instances must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range; pass --port between 0 and 65535")
         if self.killafter < 0:
@@ -161,3 +190,28 @@ class ServeConfig:
 
     def replace(self, **changes: Any) -> ServeConfig:
         return dataclasses.replace(self, **changes)
+
+    def is_explicit(self, name: str) -> bool:
+        """Whether field ``name`` was set on purpose (so it overrides serving.toml)."""
+        if self.explicit is not None:
+            return name in self.explicit
+        default = next(f for f in dataclasses.fields(self) if f.name == name).default
+        return bool(getattr(self, name) != default)
+
+    def models(self) -> list[tuple[str, int | None]]:
+        """``keys`` as ``(key, pinned version or None)``.
+
+        :raises ConfigError: for a ``KEY@V`` whose ``V`` is not a positive number.
+        """
+        out: list[tuple[str, int | None]] = []
+        for spec in self.keys:
+            key, at, version = spec.partition("@")
+            if not at:
+                out.append((key, None))
+                continue
+            if not version.isdigit() or int(version) < 1:
+                raise ConfigError(
+                    f"{spec!r}: the version after '@' must be a positive number (KEY@3)"
+                )
+            out.append((key, int(version)))
+        return out

@@ -12,6 +12,7 @@ The tree::
     │   └── ChecksumMismatch         a download that does not match the store's size/checksum
     ├── ModelLoadError               a checkpoint or wrapper that cannot be loaded
     ├── ModelNotFound                a request for a model or version not served: HTTP 404
+    ├── ModelNotChosen               ``POST /`` while several models are served: HTTP 400
     ├── NotReady                     the model is not loaded and warm yet: HTTP 503
     ├── PipelineError                raised by ModelPipe for one item (a future's exception)
     │   ├── ItemFailed               a stage raised for this item (names the item and stage)
@@ -111,6 +112,13 @@ class ModelNotFound(StudioServeError):
 
     http_status = 404
     error_type = "not_found"
+
+
+class ModelNotChosen(StudioServeError):
+    """A request to ``POST /`` while several models are served; the message lists them."""
+
+    http_status = 400
+    error_type = "model_required"
 
 
 class NotReady(StudioServeError):

@@ -1,5 +1,5 @@
 """The JSON documents of the Open Inference Protocol routes: server and model metadata, and
-Triton's model configuration, built from the served model's signature and pipe."""
+Triton's model configuration, built from a served model version's signature and pipe."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ from typing import Any, Final
 import numpy as np
 
 from .._version import __version__
+from ..models import Model
+from ..serving.repository import ServedModel, ServedVersion
 from ..tensors import TensorSpec
-from ..wire.oip_codec import CONFIG_TYPES, VERSION, datatype_of
-from .state import AppState
+from ..wire.oip_codec import CONFIG_TYPES, datatype_of
 
 __all__ = ["model_config", "model_metadata", "server_metadata"]
 
-EXTENSIONS: Final = ["binary_tensor_data", "model_configuration", "statistics"]
+EXTENSIONS: Final = [
+    "binary_tensor_data",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "model_repository(unload_dependents)",
+]
 
 
 def _dims(shape: Sequence[int | None]) -> list[int]:
@@ -29,19 +36,19 @@ def _spec_datatype(spec: TensorSpec) -> str:
         return "BYTES" if spec.dtype in ("string", "str", "object") else "FP32"
 
 
-def _batched(state: AppState) -> bool:
-    return state.service.model.batches and bool(state.service.inputs)
+def _batched(model: Model) -> bool:
+    return model.batches and bool(model.inputs)
 
 
-def _max_batch_size(state: AppState) -> int:
-    pipe = state.service.model.pipe
-    if pipe is None or not _batched(state):
+def _max_batch_size(model: Model) -> int:
+    pipe = model.pipe
+    if pipe is None or not _batched(model):
         return 0
     return int(pipe.max_batch_size or 0)
 
 
-def _tensor_meta(state: AppState, specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
-    batch = [-1] if _batched(state) else []
+def _tensor_meta(model: Model, specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    batch = [-1] if _batched(model) else []
     return [
         {"name": s.name, "datatype": _spec_datatype(s), "shape": batch + _dims(s.shape)}
         for s in specs
@@ -52,14 +59,15 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "studioserve", "version": __version__, "extensions": EXTENSIONS}
 
 
-def model_metadata(state: AppState) -> dict[str, Any]:
-    model = state.service.model
+def model_metadata(entry: ServedModel, served: ServedVersion) -> dict[str, Any]:
+    """The metadata of ``served`` (a version of ``entry``): every served version is listed."""
+    model = served.model
     return {
-        "name": state.info.experiment,
-        "versions": [VERSION],
-        "platform": f"studioserve_{model.kind}",
-        "inputs": _tensor_meta(state, model.inputs),
-        "outputs": _tensor_meta(state, model.outputs),
+        "name": entry.name,
+        "versions": [str(v) for v in sorted(entry.versions)],
+        "platform": "ensemble" if entry.steps else f"studioserve_{model.kind}",
+        "inputs": _tensor_meta(model, model.inputs),
+        "outputs": _tensor_meta(model, model.outputs),
     }
 
 
@@ -80,11 +88,11 @@ def _config_tensors(specs: Sequence[TensorSpec], output: bool) -> list[dict[str,
     return out
 
 
-def model_config(state: AppState) -> dict[str, Any]:
-    """Triton's model configuration of the served model."""
-    model = state.service.model
-    name = state.info.experiment
-    delay_ms = float(state.info.max_delay_ms or 0.0)
+def model_config(entry: ServedModel, served: ServedVersion) -> dict[str, Any]:
+    """Triton's model configuration of ``served`` (a version of ``entry``)."""
+    model = served.model
+    name = entry.name
+    delay_ms = float(entry.settings.get("max_delay_ms") or 0.0)
     preferred: list[int] = []
     pipe = model.pipe
     stage = model.model_stage
@@ -98,19 +106,22 @@ def model_config(state: AppState) -> dict[str, Any]:
         "name": name,
         "platform": "",
         "backend": "studioserve",
-        "version_policy": {"latest": {"num_versions": 1}},
-        "max_batch_size": _max_batch_size(state),
+        "version_policy": _version_policy(entry),
+        "max_batch_size": _max_batch_size(model),
         "input": _config_tensors(model.inputs, False),
         "output": _config_tensors(model.outputs, True),
         "batch_input": [],
         "batch_output": [],
-        "instance_group": [{"name": f"{name}_0", "kind": "KIND_CPU", "count": 1}],
+        "instance_group": _instance_groups(name, model),
         "default_model_filename": model.source,
         "parameters": {"studioserve_kind": {"string_value": model.kind}},
         "model_warmup": [],
         "model_transaction_policy": {"decoupled": False},
     }
-    if _batched(state):
+    if entry.steps:
+        cfg["platform"] = "ensemble"
+        cfg["ensemble_scheduling"] = {"step": [dict(step) for step in entry.steps]}
+    if _batched(model):
         cfg["dynamic_batching"] = {
             "preferred_batch_size": preferred,
             "max_queue_delay_microseconds": int(round(delay_ms * 1000)),
@@ -119,3 +130,35 @@ def model_config(state: AppState) -> dict[str, Any]:
             "default_priority_level": 0,
         }
     return cfg
+
+
+def _version_policy(entry: ServedModel) -> dict[str, Any]:
+    policy = str(entry.settings.get("version_policy") or "latest")
+    kind, _, arg = policy.partition(":")
+    if kind == "all":
+        return {"all": {}}
+    if kind == "specific":
+        return {"specific": {"versions": [int(v) for v in arg.split(",") if v.strip()]}}
+    return {"latest": {"num_versions": int(arg or 1)}}
+
+
+def _instance_groups(name: str, model: Model) -> list[dict[str, Any]]:
+    """One group per device kind, as Triton's instance_group (``--instances``)."""
+    devices = [str(d or "CPU") for d in getattr(model, "devices", ()) or ()] or ["CPU"] * max(
+        1, int(getattr(model, "instances", 1) or 1)
+    )
+    gpus = sorted({int(d.split(":")[1]) for d in devices if d.upper().startswith("GPU:")})
+    cpus = sum(1 for d in devices if not d.upper().startswith("GPU"))
+    groups: list[dict[str, Any]] = []
+    if cpus:
+        groups.append({"name": f"{name}_0", "kind": "KIND_CPU", "count": cpus})
+    if gpus:
+        groups.append(
+            {
+                "name": f"{name}_{len(groups)}",
+                "kind": "KIND_GPU",
+                "count": len(devices) - cpus,
+                "gpus": gpus,
+            }
+        )
+    return groups

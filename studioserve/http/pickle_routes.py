@@ -1,13 +1,14 @@
-"""``POST /``: two thin adapters over the one request path (:mod:`studioserve.serving.inference`),
-and the WSGI front door every request passes.
+"""``POST /`` and ``POST /models/<key>[/versions/<v>]``: two thin adapters over the one request
+path (:mod:`studioserve.serving.inference`), and the WSGI front door every request passes.
 
-- :class:`FastPredict`, a WSGI middleware in front of Flask, answers ``POST /`` without Flask's
+- :class:`FastPredict`, a WSGI middleware in front of Flask, answers those without Flask's
   per-request machinery (about half the server CPU per request; see bench/bench_server.py and
   bench/bench_wsgi.py). It passes to Flask whatever needs Flask: another route, a request that
   is not authorized (401, the sign-in page), a body without Content-Length (chunked), and
   every request while debug logging is on (Flask logs one line per request). It wraps every
   path, so it is also where a drain (:class:`Drain`) shows on the wire.
-- :func:`predict`, the Flask view of the ``pickle`` blueprint, answers the rest of ``POST /``.
+- :func:`predict` and :func:`predict_model`, the Flask views of the ``pickle`` blueprint,
+  answer the rest.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def _environ_key(header: str) -> str:
 def predict() -> Response:
     state = current_state()
     return answer(state.pickle, state.max_body)
+
+
+@blueprint.post("/models/<name>")
+@blueprint.post("/models/<name>/versions/<version>")
+def predict_model(name: str, version: str | None = None) -> Response:
+    state = current_state()
+    return answer(state.pickle, state.max_body, name, version)
 
 
 class Drain:
@@ -101,9 +109,21 @@ class FastPredict:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         drain = self.drain
         drain.last_request = _now()
+        path = environ.get("PATH_INFO")
+        model = version = None
+        if path != "/" and path and path.startswith("/models/"):
+            model, _, rest = path[8:].partition("/")
+            if rest:
+                tag, _, version = rest.partition("/")
+                if tag != "versions" or not version or "/" in version:
+                    path = None
+            if not model:
+                path = None
+        elif path != "/":
+            path = None
         if (
-            environ.get("REQUEST_METHOD") != "POST"
-            or environ.get("PATH_INFO") != "/"
+            path is None
+            or environ.get("REQUEST_METHOD") != "POST"
             or not self.state.authorized(environ.get("HTTP_AUTHORIZATION"))
             or logger.isEnabledFor(logging.DEBUG)
         ):
@@ -120,6 +140,8 @@ class FastPredict:
                 length,
                 lambda: stream.read(length) if length else b"",
                 lambda name: environ.get(_environ_key(name)),
+                model,
+                version or None,
             )
         )
         if reply.status >= 400 and length:

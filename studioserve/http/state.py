@@ -31,7 +31,8 @@ _EXTENSION = "studioserve"
 class ServerInfo:
     """Facts about the server shown on the status page and used in OIP metadata.
 
-    :param experiment: the served experiment key (the model's name in OIP URLs).
+    :param experiment: the served experiment key, or the served keys joined with ", " when
+        there are several (each model's name in URLs is its own key).
     :param store: the store URL it came from.
     :param max_batch_size: the batch bound of checkpoint models.
     :param max_delay_ms: how long a batch waits for more items.
@@ -96,7 +97,7 @@ class AppState:
         limits = DecodeLimits(max_body=max_body, max_keys=max_keys)
         #: admission control, shared by both request paths
         self.admission = AdmissionController(
-            service.model.pipe,
+            None,
             max_queue_time=(
                 default_max_queue_time(service.request_timeout)
                 if max_queue_time is None
@@ -122,7 +123,7 @@ class AppState:
             observers=observers,
             admission=admission,
         )
-        self.oip_protocol = OipProtocol(service, info.experiment, max_body, limits=limits)
+        self.oip_protocol = OipProtocol(max_body=max_body, limits=limits)
         self.oip = RequestHandler(
             service, self.oip_protocol, max_body=max_body, observers=observers, admission=admission
         )

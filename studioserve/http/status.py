@@ -33,6 +33,7 @@ from typing import Any
 from flask import Response, current_app, has_app_context
 from werkzeug.datastructures import MIMEAccept
 
+from ..models import Model
 from ..pipelines import ModelPipe
 from .state import AppState
 
@@ -74,19 +75,59 @@ def _pipe_info(pipe: ModelPipe | None) -> dict[str, Any] | None:
     }
 
 
+def _model_json(model: Model) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "kind": model.kind,
+        "source": model.source,
+        "inputs": [s.to_json() for s in model.inputs],
+        "outputs": [s.to_json() for s in model.outputs],
+        "load_seconds": round(model.load_seconds, 3),
+    }
+    instances = int(getattr(model, "instances", 1) or 1)
+    if instances > 1:
+        out["instances"] = instances
+        out["devices"] = list(getattr(model, "devices", ()) or ())
+    return out
+
+
+def _models_json(state: AppState) -> list[dict[str, Any]]:
+    """Every model of the repository: its state, versions, settings and routes."""
+    out = []
+    for entry in state.service.repository.models():
+        out.append(
+            {
+                "name": entry.name,
+                "state": entry.state,
+                "reason": entry.reason,
+                "load_failures": entry.failures,
+                "versions": [
+                    {"version": number, "in_flight": v.in_flight, **_model_json(v.model)}
+                    for number, v in sorted(entry.versions.items())
+                ],
+                "available_versions": list(entry.available),
+                "settings": dict(entry.settings),
+                "ensemble_steps": [dict(step) for step in entry.steps],
+                "url": f"/models/{entry.name}",
+                "oip_url": f"/v2/models/{entry.name}/infer",
+            }
+        )
+    return out
+
+
 def status_info(state: AppState) -> dict[str, Any]:
     """The status facts as a JSON-able dict (see the module docstring)."""
     service = state.service
-    model = service.model
+    entries = service.repository.models()
+    shown = next((m.latest for m in entries if m.latest is not None), None)
+    model = shown.model if shown is not None else None
     shutdown_at = state.shutdown_at()
     info: dict[str, Any] = {
-        "model": {
-            "kind": model.kind,
-            "source": model.source,
-            "inputs": [s.to_json() for s in model.inputs],
-            "outputs": [s.to_json() for s in model.outputs],
-            "load_seconds": round(model.load_seconds, 3),
-        },
+        "model": (
+            _model_json(model)
+            if model is not None
+            else {"kind": "none", "source": "", "inputs": [], "outputs": [], "load_seconds": 0}
+        ),
+        "models": _models_json(state),
         "ready": service.ready,
         "uptime_seconds": round(time.time() - state.started, 1),
         "in_flight": service.activity.in_flight,
@@ -96,7 +137,7 @@ def status_info(state: AppState) -> dict[str, Any]:
         ),
     }
     info.update(state.info.to_json())
-    pipe = _pipe_info(model.pipe)
+    pipe = _pipe_info(model.pipe) if model is not None and len(entries) == 1 else None
     if pipe is not None:
         info["pipe"] = pipe
     info["live"] = state.telemetry.live.snapshot()
@@ -187,6 +228,24 @@ def _stage_rows(pipe: dict[str, Any] | None) -> str:
     return "".join(rows)
 
 
+def _model_rows(models: list[dict[str, Any]]) -> str:
+    rows = []
+    for m in models:
+        versions = m.get("versions") or []
+        kinds = ", ".join(sorted({str(v.get("kind")) for v in versions})) or "–"
+        if m.get("ensemble_steps"):
+            kinds = "ensemble"
+        rows.append(
+            f"<tr data-model='{_e(m['name'])}'><td><code>{_e(m['name'])}</code></td>"
+            f"<td>{_e(m['state'])}</td>"
+            f"<td>{_e(', '.join(str(v['version']) for v in versions) or '–')}</td>"
+            f"<td>{_e(', '.join(map(str, m.get('available_versions') or [])) or '–')}</td>"
+            f"<td>{_e(kinds)}</td><td>{_e(m.get('load_failures', 0))}</td>"
+            f"<td>{_e(m.get('reason') or '')}</td></tr>"
+        )
+    return "".join(rows)
+
+
 def _page(info: dict[str, Any]) -> str:
     model = info["model"]
     batching = info.get("batching") or {}
@@ -195,8 +254,16 @@ def _page(info: dict[str, Any]) -> str:
     ready = "ready" if info.get("ready") else "not ready"
     killafter = info.get("killafter_seconds")
     endpoints = info.get("endpoints") or {}
-    links = ["<li><code>POST /</code> pickle, JSON or npz inference</li>"]
-    if endpoints.get("oip"):
+    models = info.get("models") or []
+    several = len(models) > 1
+    links = [] if several else ["<li><code>POST /</code> pickle, JSON or npz inference</li>"]
+    if several:
+        links.extend(
+            f"<li><code>POST /models/{_e(m['name'])}</code> and <code>POST /v2/models/"
+            f"{_e(m['name'])}/infer</code> ({_e(m['state'])})</li>"
+            for m in models
+        )
+    elif endpoints.get("oip"):
         links.append(
             f"<li><code>POST /v2/models/{_e(experiment)}/infer</code> Open Inference Protocol "
             f"(<a href='v2/models/{_e(experiment)}'>metadata</a>, "
@@ -269,6 +336,9 @@ def _page(info: dict[str, Any]) -> str:
     }</table>
  <h2>Endpoints</h2><ul>{"".join(links)}</ul></div>
 </section>
+<section class="models"><h2>Models</h2><table id="models"><tr><th>model</th><th>state</th>
+ <th>versions served</th><th>versions in store</th><th>kind</th><th>load failures</th>
+ <th>last reason</th></tr>{_model_rows(models)}</table></section>
 </main>
 <script id="initial" type="application/json">{initial}</script>
 <script>{_asset("status.js")}</script>

@@ -6,6 +6,7 @@ Public API (``__all__``; tests/test_public_api.py holds it to this list)::
     from studioserve.models import Model, PipeModel, KerasModel, SavedModel, CallableModel
     from studioserve.models import IdentityModel, load_model, find_checkpoint
     from studioserve.models import import_wrapper, model_from_object
+    from studioserve.models import ModelVersionSource, VersionPolicy, list_versions, load_version
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from .keras import KerasModel as KerasModel
 from .loader import find_checkpoint as find_checkpoint
 from .loader import load_model as load_model
 from .savedmodel import SavedModel as SavedModel
+from .versions import ModelVersionSource as ModelVersionSource
+from .versions import VersionPolicy as VersionPolicy
+from .versions import list_versions as list_versions
+from .versions import load_version as load_version
 from .wrapper import import_wrapper as import_wrapper
 from .wrapper import model_from_object as model_from_object
 
@@ -26,10 +31,14 @@ __all__ = [
     "IdentityModel",
     "KerasModel",
     "Model",
+    "ModelVersionSource",
     "PipeModel",
     "SavedModel",
+    "VersionPolicy",
     "find_checkpoint",
     "import_wrapper",
+    "list_versions",
     "load_model",
+    "load_version",
     "model_from_object",
 ]

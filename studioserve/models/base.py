@@ -12,6 +12,10 @@ what kind of model it serves.
 against the input signature, submits one item per key to the pipe (so keys of concurrent
 requests meet in one batch), waits for them under the request's deadline and turns failures
 into one :class:`~studioserve.errors.RequestFailed` with per-key messages.
+
+A model may run as several instances (Triton's instance groups: copies of its batched stage
+fed by one queue, each on its device); :attr:`~Model.instances` and :attr:`~Model.devices` say
+how many and where, read from the pipe's model stage.
 """
 
 from __future__ import annotations
@@ -88,6 +92,17 @@ class Model(abc.ABC):
         pipe = self.pipe
         return None if pipe is None else pipe.model_stage
 
+    @property
+    def instances(self) -> int:
+        """How many instances compute the model's batches at once (1 without a pipe)."""
+        return 1
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Each instance's device label ("CPU", "GPU:0", ...), in instance order; empty when
+        the instances were not placed (the framework's default device, a plain function)."""
+        return ()
+
     def start(self) -> None:
         """Start whatever threads the model needs before the first request."""
         pipe = self.pipe
@@ -106,7 +121,15 @@ class Model(abc.ABC):
     def describe(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs) or "any"
         outs = ", ".join(s.describe() for s in self.outputs) or "any"
-        return f"{self.kind} model from {self.source}: inputs ({ins}) -> outputs ({outs})"
+        text = f"{self.kind} model from {self.source}: inputs ({ins}) -> outputs ({outs})"
+        n = self.instances
+        if n > 1:
+            text += f" x {n} instances"
+            labels = self.devices
+            if labels:
+                where = labels[0] if len(set(labels)) == 1 else ", ".join(labels)
+                text += f" on {where}"
+        return text
 
     def close(self) -> None:
         """Release the model (join the pipe's threads)."""
@@ -141,6 +164,19 @@ class PipeModel(Model):
     @property
     def pipe(self) -> ModelPipe:
         return self._pipe
+
+    @property
+    def instances(self) -> int:
+        """The number of instances of the pipe's model stage (its workers)."""
+        return max(1, len(self._pipe.devices()))
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The device label of each instance of the pipe's model stage; empty unless every
+        instance has one."""
+        labels = self._pipe.devices()
+        placed = tuple(d for d in labels if d is not None)
+        return placed if len(placed) == len(labels) else ()
 
     def predict(self, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         pipe = self._pipe

@@ -1,18 +1,26 @@
 """A TensorFlow SavedModel folder (``saved_model.pb``) served through its ``serving_default``.
 
 The only module that imports TensorFlow to load a model, inside :class:`SavedModelFunction`.
+``SavedModel(..., instances=N)`` loads the folder N times, each copy on its device (the visible
+GPUs round-robin by default, else the CPU; see :func:`~studioserve.models.keras.default_devices`)
+and runs them as the instances of its one batching stage, fed by one queue.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ModelLoadError
 from ..pipelines import ModelPipe
+from ..pipelines.keras_stage import device_scope
 from ..tensors import TensorSpec, dtype_name, zeros_for
 from .base import PipeModel
-from .keras import quiet_tensorflow
+from .keras import instance_devices, quiet_tensorflow
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SavedModel", "SavedModelFunction"]
 
@@ -20,10 +28,12 @@ __all__ = ["SavedModel", "SavedModelFunction"]
 class SavedModelFunction:
     """A SavedModel's ``serving_default`` signature as a batched numpy function.
 
+    :param device: a device label ("CPU", "GPU:0", ...) to load the model's variables on and
+        call it on (``tf.device``); None: TensorFlow's default placement.
     :raises ModelLoadError: when TensorFlow is missing or the folder has no such signature.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, device: str | None = None) -> None:
         quiet_tensorflow()
         try:
             import tensorflow as tf
@@ -33,8 +43,9 @@ class SavedModelFunction:
                 "pip install 'studioserve[keras]'"
             ) from e
         try:
-            self._loaded = tf.saved_model.load(str(path))
-            self._fn = self._loaded.signatures["serving_default"]
+            with device_scope(device):
+                self._loaded = tf.saved_model.load(str(path))
+                self._fn = self._loaded.signatures["serving_default"]
         except Exception as e:
             raise ModelLoadError(
                 f"cannot load TF SavedModel {path}: {type(e).__name__}: {e}. "
@@ -42,6 +53,7 @@ class SavedModelFunction:
                 "signatures=...) so it has a 'serving_default' signature"
             ) from e
         self._tf = tf
+        self.device = device
         _, kwargs = self._fn.structured_input_signature
         self.input_names = sorted(kwargs)
         self.inputs = [_spec(n, kwargs[n]) for n in self.input_names]
@@ -50,6 +62,12 @@ class SavedModelFunction:
         self.outputs = [_spec(n, out_specs[n]) for n in self.output_names]
 
     def __call__(self, batch: Any) -> Any:
+        if self.device is None:
+            return self._call(batch)
+        with self._tf.device(self.device):
+            return self._call(batch)
+
+    def _call(self, batch: Any) -> Any:
         if len(self.input_names) == 1:
             feeds = {self.input_names[0]: self._tf.constant(batch)}
         else:
@@ -67,22 +85,47 @@ def _spec(name: str, tensor_spec: Any) -> TensorSpec:
 class SavedModel(PipeModel):
     """A SavedModel folder behind a batching stage named ``savedmodel``, warmed on zeros.
 
-    :raises ModelLoadError: when it does not load or its warm-up call fails.
+    :param instances: copies of the model (the folder loaded once each) that the stage runs at
+        once, fed by its one queue.
+    :param devices: each instance's device ("CPU", "GPU:0", ...); default: the visible GPUs
+        round-robin, else the CPU.
+    :raises ValueError: for invalid ``instances`` or ``devices``.
+    :raises ModelLoadError: when it does not load or a warm-up call fails.
     """
 
     kind: ClassVar[str] = "savedmodel"
 
     def __init__(
-        self, path: Path, *, max_batch_size: int, max_delay: float, queue_size: int
+        self,
+        path: Path,
+        *,
+        max_batch_size: int,
+        max_delay: float,
+        queue_size: int,
+        instances: int = 1,
+        devices: Sequence[str] | None = None,
     ) -> None:
-        fn = SavedModelFunction(path)
-        try:
-            fn(zeros_for(fn.inputs))
-        except Exception as e:
-            raise ModelLoadError(
-                f"warm-up of SavedModel {path} on zeros of its input shape failed: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+        labels = instance_devices(instances, devices)
+        fns = [SavedModelFunction(path, device=label) for label in labels]
+        for i, fn in enumerate(fns):
+            try:
+                fn(zeros_for(fn.inputs))
+            except Exception as e:
+                which = f" (instance {i}, on {labels[i]})" if len(fns) > 1 else ""
+                raise ModelLoadError(
+                    f"warm-up of SavedModel {path}{which} on zeros of its input shape failed: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+        first = fns[0]
         pipe = ModelPipe(queue_size=queue_size, name="model")
-        pipe.add(fn, max_batch_size=max_batch_size, max_delay=max_delay, name="savedmodel")
-        super().__init__(pipe, source=str(path), inputs=fn.inputs, outputs=fn.outputs)
+        pipe.add(
+            first,
+            max_batch_size=max_batch_size,
+            max_delay=max_delay,
+            name="savedmodel",
+            instances=fns,
+            devices=labels,
+        )
+        super().__init__(pipe, source=str(path), inputs=first.inputs, outputs=first.outputs)
+        if len(fns) > 1:
+            logger.info("%s: %d instances on %s", path, len(fns), ", ".join(labels))

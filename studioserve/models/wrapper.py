@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,19 @@ def model_from_object(
 
 
 def load_wrapper(
-    wrapper: str, modeldir: Path, *, max_batch_size: int, max_delay: float, queue_size: int
+    wrapper: str,
+    modeldir: Path,
+    *,
+    max_batch_size: int,
+    max_delay: float,
+    queue_size: int,
+    models: Any = None,
 ) -> Model:
     """Import ``wrapper`` and call its ``create_model(modeldir)``.
+
+    A ``create_model(modeldir, models)`` that takes a second argument gets ``models``: a
+    handle to the other models the server serves (``models.predict(key, data)``; see
+    :class:`studioserve.serving.handles.ServedModels`), so a wrapper can chain models in code.
 
     :raises ModelLoadError: when it has no create_model, create_model raises, or it returns
         something that cannot be served.
@@ -109,7 +120,7 @@ def load_wrapper(
             "or a callable that maps a dict to a dict"
         )
     try:
-        obj = create(str(modeldir))
+        obj = create(str(modeldir), models) if _takes_models(create) else create(str(modeldir))
     except Exception as e:
         raise ModelLoadError(
             f"create_model({str(modeldir)!r}) in wrapper {wrapper} raised "
@@ -122,3 +133,13 @@ def load_wrapper(
         max_delay=max_delay,
         queue_size=queue_size,
     )
+
+
+def _takes_models(create: Any) -> bool:
+    """Whether ``create_model`` takes the served-models handle as a second argument."""
+    try:
+        params = list(inspect.signature(create).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)

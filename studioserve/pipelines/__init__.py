@@ -3,7 +3,7 @@
 Public API (``__all__``; tests/test_public_api.py holds it to this list)::
 
     from studioserve.pipelines import ModelPipe, Batcher, AIMDController, collate, split_rows
-    from studioserve.pipelines import BatchEvent, PipeLoad, PipeStats, StageStats
+    from studioserve.pipelines import BatchEvent, InstanceStats, PipeLoad, PipeStats, StageStats
     from studioserve.pipelines import (PipelineError, ItemFailed, InvalidInput, ItemFiltered,
         BatchSizeMismatch, Overloaded, DeadlineExceeded, PipeClosed)
 
@@ -31,6 +31,7 @@ from .batching import Batcher as Batcher
 from .batching import collate as collate
 from .batching import split_rows as split_rows
 from .events import BatchEvent as BatchEvent
+from .events import InstanceStats as InstanceStats
 from .events import PipeLoad as PipeLoad
 from .events import PipeStats as PipeStats
 from .events import StageStats as StageStats
@@ -42,6 +43,7 @@ __all__ = [
     "BatchSizeMismatch",
     "Batcher",
     "DeadlineExceeded",
+    "InstanceStats",
     "InvalidInput",
     "ItemFailed",
     "ItemFiltered",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-__all__ = ["BatchEvent", "PipeLoad", "PipeStats", "StageStats", "logger"]
+__all__ = ["BatchEvent", "InstanceStats", "PipeLoad", "PipeStats", "StageStats", "logger"]
 
 #: the logger of everything a pipe logs (its stages and Studio.ML's mode included)
 logger = logging.getLogger("studioserve.pipelines.pipe")
@@ -29,6 +29,8 @@ class BatchEvent:
     :ivar compute_seconds: seconds the stage's function took for the whole batch.
     :ivar ok: items that succeeded.
     :ivar failed: items that failed (raised, expired, wrong output rows).
+    :ivar instance: the index of the stage's instance (its worker) that ran the batch; 0 for
+        a stage of one instance.
     """
 
     stage: str
@@ -38,6 +40,35 @@ class BatchEvent:
     compute_seconds: float
     ok: int
     failed: int
+    instance: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """One instance of a stage (Triton's model instance): its worker's counters since start.
+
+    Every worker of a stage is one instance: the copy given for it in ``add(instances=...)``,
+    or the stage's one function shared by ``num_workers`` workers. The instances of a stage
+    take their batches from its one queue, whichever is free first, so their counts differ.
+
+    :ivar index: the instance's index (worker ``i`` runs instance ``i``; ``BatchEvent.instance``).
+    :ivar device: the device the instance was placed on ("CPU", "GPU:0", ...); None when it was
+        not placed (the framework's default device, or a plain function).
+    :ivar batches: batches it ran.
+    :ivar items: items in those batches.
+    :ivar rows: rows in those batches.
+    :ivar compute_seconds: seconds its function took, over all its batches.
+    :ivar failures: items that failed in its hands (raised, expired, wrong output rows); items
+        refused on the way in are the stage's, not an instance's.
+    """
+
+    index: int
+    device: str | None
+    batches: int
+    items: int
+    rows: int
+    compute_seconds: float
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,8 @@ class StageStats:
         stage that does not batch).
     :ivar preferred_batch_sizes: the batch sizes the stage cuts batches at when it can
         (ascending; empty when none were given, or the stage does not batch).
+    :ivar instances: per instance (one per worker, in index order), the counters the totals
+        above sum; empty for a snapshot built without them.
     """
 
     name: str
@@ -66,6 +99,7 @@ class StageStats:
     queue_depth: int
     max_delay: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
+    instances: tuple[InstanceStats, ...] = ()
 
 
 @dataclass(frozen=True)

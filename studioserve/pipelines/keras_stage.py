@@ -11,14 +11,23 @@ path is a concrete function traced once from ``tf.function`` with a fixed input 
 batch dimension is ``None`` (so it is never retraced), fed numpy arrays directly; it beats
 ``predict_on_batch`` and the eager ``model(x, training=False)`` at every batch size. Other
 backends (JAX, torch) use ``predict_on_batch``.
+
+Instances (Triton's instance groups): a stage of N instances has N runners, one per copy of
+the model, each warmed on its own. A copy may be placed on a device ("CPU", "GPU:0", ...):
+:func:`clone_keras_model` builds a copy's weights under ``tf.device`` and a runner given a
+``device`` traces and calls its function there (:func:`device_scope`); placement needs the
+TensorFlow backend. :func:`clone_runner` makes one more instance of a model and checks that it
+answers a fixed input (:meth:`KerasRunner.probe`) as the original does: a clone can run and
+still lose state that is not in the weights (an adapted lookup table, for one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +37,18 @@ from ..tensors import TensorSpec, converts_safely, dtype_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "KerasRunner", "converts_safely", "is_keras_model", "keras_signature"]
+__all__ = [
+    "METHODS",
+    "KerasRunner",
+    "check_answers",
+    "clone_keras_model",
+    "clone_runner",
+    "converts_safely",
+    "device_scope",
+    "is_keras_model",
+    "keras_signature",
+    "same_outputs",
+]
 
 #: the ways :class:`KerasRunner` can call a model ("auto" picks the fastest available)
 METHODS = ("auto", "concrete", "tf_function", "predict_on_batch", "call")
@@ -63,14 +83,19 @@ class KerasRunner:
         items are not checked).
     :param method: one of :data:`METHODS`; ``"auto"`` uses the concrete function on the
         TensorFlow backend, else ``predict_on_batch``.
-    :raises ValueError: for an unknown or unavailable method.
+    :param device: a device label ("CPU", "GPU:0", ...) to trace and call the model on
+        (``tf.device``); None: TensorFlow's default placement. The model's weights stay where
+        they were built: build a copy for a device under :func:`device_scope` (as
+        :func:`clone_keras_model` does).
+    :raises ValueError: for an unknown or unavailable method, or a device on a backend other
+        than TensorFlow.
 
     The input of :meth:`__call__` is what :meth:`prepare` returns, stacked along axis 0: an
     array for a single-input model, a tuple of arrays (in ``model.inputs`` order) otherwise.
     The output is a numpy array, or a list/dict of arrays for a multi-output model.
     """
 
-    def __init__(self, model: Any, *, method: str = "auto") -> None:
+    def __init__(self, model: Any, *, method: str = "auto", device: str | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown Keras call method {method!r}; use one of {METHODS}")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -89,8 +114,16 @@ class KerasRunner:
                 f"the {method!r} call method needs the TensorFlow backend and a model with "
                 f"known inputs (backend is {backend!r})"
             )
+        if device is not None and backend != "tensorflow":
+            raise ValueError(
+                f"placing a Keras model on device {device!r} needs the TensorFlow backend "
+                f"(backend is {backend!r}); leave devices unset"
+            )
         self.method = method
-        self._fn: Callable[..., Any] = self._build(method)
+        self.device = device
+        with device_scope(device):
+            fn = self._build(method)
+        self._fn: Callable[..., Any] = fn if device is None else _placed(fn, device)
 
     # -- inputs --------------------------------------------------------------------------------
     @property
@@ -217,6 +250,147 @@ class KerasRunner:
             return
         self(self.zeros(1))
 
+    def probe(self, rows: int = 2) -> Any:
+        """A fixed input of ``rows`` rows that exercises the model more than zeros do: seeded
+        normal values for float inputs, zeros for the others (indices, booleans); None when
+        the inputs are unknown."""
+        if self.specs is None:
+            return None
+        rng = np.random.default_rng(0)
+        arrays = []
+        for s in self.specs:
+            shape = (rows, *(1 if d is None else d for d in s.shape))
+            dtype = s.numpy_dtype or np.dtype("float32")
+            if dtype.kind == "f":
+                arrays.append(rng.standard_normal(shape).astype(dtype))
+            else:
+                arrays.append(np.zeros(shape, dtype=dtype))
+        return arrays[0] if len(arrays) == 1 else tuple(arrays)
+
+
+def _placed(fn: Callable[[Any], Any], device: str) -> Callable[[Any], Any]:
+    """``fn`` called under ``tf.device(device)``."""
+    import tensorflow as tf
+
+    def placed(data: Any) -> Any:
+        with tf.device(device):
+            return fn(data)
+
+    return placed
+
+
+@contextlib.contextmanager
+def device_scope(device: str | None) -> Iterator[None]:
+    """``tf.device(device)`` while the block runs (nothing for None).
+
+    What is built in the block (a copy's weights, a traced function, a loaded SavedModel) is
+    placed on ``device``. TensorFlow places softly: an op the device cannot run, or a device
+    that is not there, falls back to the CPU instead of failing.
+    """
+    if device is None:
+        yield
+        return
+    import tensorflow as tf
+
+    with tf.device(device):
+        yield
+
+
+def clone_keras_model(model: Any, device: str | None = None) -> Any:
+    """A copy of a built Keras model with its own weights (equal to the model's), built on
+    ``device``: ``keras.models.clone_model`` then ``set_weights``.
+
+    Functional and Sequential models clone; a subclassed model often does not (its clone is
+    not built, or its config does not rebuild it): load another copy from its file instead.
+
+    :raises ValueError: when the model cannot be cloned, naming the cause.
+    """
+    import keras
+
+    name = getattr(model, "name", None) or "model"
+    with device_scope(device):
+        try:
+            clone = keras.models.clone_model(model)
+        except Exception as e:
+            raise ValueError(f"Keras model {name!r} cannot be cloned: {_reason(e)}") from e
+        weights = model.get_weights()
+        if len(clone.weights) != len(weights):
+            raise ValueError(
+                f"the clone of Keras model {name!r} has {len(clone.weights)} weights, the "
+                f"model {len(weights)} (a subclassed model whose clone is not built?)"
+            )
+        try:
+            clone.set_weights(weights)
+        except Exception as e:
+            raise ValueError(
+                f"the weights of Keras model {name!r} do not fit its clone: {_reason(e)}"
+            ) from e
+    return clone
+
+
+def check_answers(runner: KerasRunner, reference: KerasRunner) -> None:
+    """Check that ``runner`` answers :meth:`KerasRunner.probe` as ``reference`` does (within
+    1e-3 relative: copies on devices of one kind compute alike).
+
+    :raises ValueError: when it raises or answers differently (nothing to check for a model
+        of unknown inputs).
+    """
+    probe = reference.probe()
+    if probe is None:
+        return
+    try:
+        got = runner(probe)
+    except Exception as e:
+        raise ValueError(f"the copy of Keras model {reference.name!r} fails: {_reason(e)}") from e
+    if not same_outputs(got, reference(probe), rtol=1e-3, atol=1e-4):
+        raise ValueError(
+            f"the copy of Keras model {reference.name!r} does not answer as the model does "
+            f"(state that is not in its weights, such as an adapted lookup table, was lost)"
+        )
+
+
+def clone_runner(model: Any, device: str | None, reference: KerasRunner) -> KerasRunner:
+    """A warmed runner of a clone of ``model`` on ``device``, checked against ``reference``
+    (a warmed runner of the model) with :func:`check_answers`.
+
+    :raises ValueError: when the model does not clone, or its clone fails or answers
+        differently; the message says why.
+    """
+    clone = clone_keras_model(model, device)
+    runner = KerasRunner(clone) if device is None else KerasRunner(clone, device=device)
+    try:
+        runner.warm()
+    except Exception as e:
+        raise ValueError(
+            f"the clone of Keras model {reference.name!r} fails on zeros: {_reason(e)}"
+        ) from e
+    check_answers(runner, reference)
+    return runner
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line: its type and its message, whitespace collapsed."""
+    text = " ".join(str(e).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def same_outputs(a: Any, b: Any, *, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
+    """Whether two model outputs (arrays, or lists/dicts of arrays) match within tolerance."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            return False
+        return all(same_outputs(a[k], b[k], rtol=rtol, atol=atol) for k in a)
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))):
+            return False
+        return len(a) == len(b) and all(
+            same_outputs(x, y, rtol=rtol, atol=atol) for x, y in zip(a, b, strict=True)
+        )
+    x, y = np.asarray(a), np.asarray(b)
+    return x.shape == y.shape and bool(np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True))
+
 
 def _to_numpy(out: Any, conv: Callable[[Any], Any]) -> Any:
     if isinstance(out, dict):
@@ -265,17 +439,24 @@ def _check(spec: TensorSpec, value: Any) -> np.ndarray[Any, Any]:
 
 
 def keras_signature(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The per-example input and output specs of a Keras model (empty when not built)."""
+    """The per-example input and output specs of a Keras model (empty when not built).
 
-    def specs(tensors: Any, prefix: str) -> list[TensorSpec]:
+    Outputs are named after the layers that produce them (``model.output_names``, stable across
+    a save and load), not after their symbolic tensors (``keras_tensor_7``, which change).
+    """
+
+    def specs(tensors: Any, prefix: str, names: Any = None) -> list[TensorSpec]:
         out = []
-        for i, t in enumerate(tensors or []):
+        tensors = list(tensors or [])
+        names = list(names or [])
+        for i, t in enumerate(tensors):
             shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
-            name = getattr(t, "name", None) or f"{prefix}{i}"
-            out.append(TensorSpec(str(name), shape, dtype_name(t.dtype)))
+            name = (names[i] if len(names) == len(tensors) else None) or getattr(t, "name", None)
+            out.append(TensorSpec(str(name or f"{prefix}{i}"), shape, dtype_name(t.dtype)))
         return out
 
     try:
-        return specs(model.inputs, "input_"), specs(model.outputs, "output_")
+        output_names = getattr(model, "output_names", None)
+        return specs(model.inputs, "input_"), specs(model.outputs, "output_", output_names)
     except (AttributeError, ValueError, TypeError):
         return [], []

@@ -3,7 +3,8 @@
 :class:`StageOptions` is what ``add()`` was asked for, frozen and checked on construction (its
 errors are ``add()``'s), plus what follows from it: whether it makes a new stage at all
 (Studio.ML's rule: any option, or a Keras model, does), whether that stage batches, its batch
-bound and its name. :class:`~studioserve.pipelines.stage.Stage` is built from one.
+bound, its name and its instances (the copies its workers call, and their devices).
+:class:`~studioserve.pipelines.stage.Stage` is built from one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class StageOptions:
     """One ``add()``'s function and options; see :meth:`ModelPipe.add` for what each means.
 
     ``batch_size`` is Studio.ML's name for ``max_batch_size``; :attr:`rows` is the one bound.
+    ``instances`` and ``devices`` decide the stage's instances (:attr:`workers`, :attr:`copies`,
+    :attr:`device_labels`): worker ``i`` is instance ``i``.
 
     :raises ValueError: for invalid options (the same messages as ``add()``).
     :raises TypeError: when ``func`` is neither a callable nor a Keras model.
@@ -45,6 +48,8 @@ class StageOptions:
     splitter: Callable[[Any, list[int]], Sequence[Any]] | None = None
     name: str | None = None
     linger: float = 0.25
+    instances: int | Sequence[Any] | None = None
+    devices: Sequence[str] | None = None
     #: whether ``func`` is a Keras model (found without importing Keras)
     keras: bool = field(init=False)
 
@@ -71,6 +76,62 @@ class StageOptions:
             )
         if self.adaptive and not self.batching:
             raise ValueError("adaptive batching needs max_batch_size > 1")
+        self._check_instances()
+
+    def _check_instances(self) -> None:
+        """Check ``instances`` and ``devices`` (and ``num_workers`` against them)."""
+        inst = self.instances
+        if isinstance(inst, bool) or not (
+            inst is None or isinstance(inst, int) or _is_sequence(inst)
+        ):
+            raise TypeError(
+                f"instances must be a number of instances or a list of copies of the stage's "
+                f"function, not {type(inst).__name__}"
+            )
+        if isinstance(inst, int) and inst < 1:
+            raise ValueError(f"instances must be >= 1, not {inst!r}")
+        if _is_sequence(inst):
+            copies = list(inst)  # type: ignore[arg-type]
+            if not copies:
+                raise ValueError("instances is an empty list; give at least one copy")
+            for i, copy in enumerate(copies):
+                if not callable(copy):
+                    raise TypeError(
+                        f"instances[{i}] is a {type(copy).__name__}; every instance must be a "
+                        f"callable or a Keras model"
+                    )
+                if is_keras_model(copy) != self.keras:
+                    kind = "a Keras model" if self.keras else "a plain function"
+                    raise TypeError(
+                        f"instances[{i}] is not the same kind as the stage's function ({kind}); "
+                        f"give copies of one kind: all Keras models or all functions"
+                    )
+        count = self.workers
+        nw = self.num_workers
+        if inst is not None and nw is not None and nw != count:
+            raise ValueError(
+                f"num_workers={nw} and {count} instances disagree; each instance is one "
+                f"worker, so pass one of them"
+            )
+        devices = self.devices
+        if devices is None:
+            return
+        if isinstance(devices, str) or not _is_sequence(devices):
+            raise TypeError(
+                f'devices must be a list of device labels ("CPU", "GPU:0", ...), one per '
+                f"instance, not {type(devices).__name__}"
+            )
+        labels = list(devices)
+        if len(labels) != count:
+            raise ValueError(
+                f"devices has {len(labels)} labels for {count} instances; give one per instance"
+            )
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise ValueError(
+                    f'device labels must be non-empty strings such as "CPU" or "GPU:0", '
+                    f"not {label!r}"
+                )
 
     @property
     def rows(self) -> int | None:
@@ -103,12 +164,40 @@ class StageOptions:
             or self.preferred_batch_sizes
             or self.adaptive
             or self.keras
+            or self.instances is not None
+            or self.devices is not None
         )
 
     @property
     def workers(self) -> int:
-        """Worker threads for the stage (at least one)."""
-        return max(1, self.num_workers or 1)
+        """Worker threads for the stage, one per instance (at least one): the number of
+        ``instances`` when given, else ``num_workers``, else one per label of ``devices``."""
+        inst = self.instances
+        if isinstance(inst, int):
+            return max(1, inst)
+        if inst is not None:
+            return max(1, len(inst))
+        if self.num_workers:
+            return self.num_workers
+        if self.devices is not None and not isinstance(self.devices, str):
+            return max(1, len(self.devices))
+        return 1
+
+    @property
+    def copies(self) -> tuple[Any, ...] | None:
+        """The copies given in ``instances`` (worker ``i`` calls copy ``i``); None when the
+        workers share ``func`` (for a Keras model, the stage clones it per instance)."""
+        inst = self.instances
+        if inst is None or isinstance(inst, int):
+            return None
+        return tuple(inst)
+
+    @property
+    def device_labels(self) -> tuple[str | None, ...]:
+        """One device label per instance (None for each when ``devices`` is not given)."""
+        if self.devices is None:
+            return (None,) * self.workers
+        return tuple(str(d).strip() for d in self.devices)
 
     @property
     def stage_name(self) -> str:
@@ -120,3 +209,8 @@ class StageOptions:
         name = name or getattr(func, "__name__", None) or type(func).__name__
         name = re.sub(r"[^A-Za-z0-9_.]+", "_", str(name)).strip("_")
         return name or "stage"
+
+
+def _is_sequence(obj: object) -> bool:
+    """A list-like of copies or labels (a str or a mapping is not)."""
+    return isinstance(obj, Sequence) and not isinstance(obj, (str, bytes))

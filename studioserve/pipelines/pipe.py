@@ -6,7 +6,9 @@ bounded queue and persistent worker threads. An ``add()`` without options compos
 function before it (Studio.ML's rule), so it costs no queue and no thread: functions added
 before the first stage run in the thread that submits, functions added after a stage run in
 that stage's workers, per item. A Keras model given to ``add()`` becomes a batching stage of
-its own.
+its own. A stage may run several instances (Triton's instance groups): ``add(..., instances=)``
+gives each worker its own copy of the function (or of the Keras model, on its own device), all
+fed by the stage's one queue.
 
 This module holds the pipe itself: building it, starting and closing its stages, submitting
 items, and its stats and listeners. Two ways in:
@@ -29,11 +31,11 @@ from typing import Any
 
 from ..errors import PipeClosed
 from . import studioml
-from .events import BatchEvent, PipeLoad, PipeStats, StageStats, logger
+from .events import BatchEvent, InstanceStats, PipeLoad, PipeStats, StageStats, logger
 from .options import StageOptions
-from .stage import Func, Item, Listener, Stage, expired, fail_item, item_failed
+from .stage import Counters, Func, Item, Listener, Stage, expired, fail_item, item_failed
 
-__all__ = ["BatchEvent", "ModelPipe", "PipeLoad", "PipeStats", "StageStats"]
+__all__ = ["BatchEvent", "InstanceStats", "ModelPipe", "PipeLoad", "PipeStats", "StageStats"]
 
 _monotonic = time.monotonic
 
@@ -87,6 +89,8 @@ class ModelPipe:
         splitter: Callable[[Any, list[int]], Sequence[Any]] | None = None,
         name: str | None = None,
         linger: float = 0.25,
+        instances: int | Sequence[Any] | None = None,
+        devices: Sequence[str] | None = None,
     ) -> ModelPipe:
         """Append a function (or a Keras model) to the pipe; returns the pipe (chainable).
 
@@ -119,6 +123,16 @@ class ModelPipe:
         :param linger: fraction of a batch's compute time a *busy* batching stage may wait for
             items still arriving (never when idle; 0: never); see
             :class:`~studioserve.pipelines.Batcher`.
+        :param instances: the stage's instances, one worker each, all fed by the stage's one
+            queue (whichever is free takes the next batch): a list of copies of ``func``
+            (worker ``i`` calls ``instances[i]``; ``func`` names the stage, and is usually the
+            first copy), or a number N: a Keras model is cloned into N copies, each with its
+            own runner and warm-up; a plain function is shared by N workers (as
+            ``num_workers``, which must agree when both are given).
+        :param devices: one device label per instance ("CPU", "GPU:0", ...): a Keras copy is
+            built and called under ``tf.device`` of its label (TensorFlow backend); for a plain
+            function it is a label for the stats only (the function places itself). Without
+            ``instances``, N labels mean N instances.
         :raises ValueError: for invalid options.
         :raises RuntimeError: after the pipe has started (first submit) or closed.
         """
@@ -143,6 +157,8 @@ class ModelPipe:
             splitter=splitter,
             name=name,
             linger=linger,
+            instances=instances,
+            devices=devices,
         )
         if not options.new_stage:
             chain = self._stages[-1].post if self._stages else self._head
@@ -191,6 +207,21 @@ class ModelPipe:
             ):
                 best = s
         return best.name
+
+    def devices(self, stage: str | None = None) -> tuple[str | None, ...]:
+        """One device label per instance of ``stage`` (the model stage by default), in index
+        order; None for an instance that was not placed. Its length is the stage's number of
+        instances; empty for a pipe without stages.
+
+        :raises KeyError: for an unknown stage name.
+        """
+        name = stage if stage is not None else self.model_stage
+        if name is None:
+            return ()
+        for s in self._stages:
+            if s.name == name:
+                return s.devices
+        raise KeyError(f"pipe {self.name!r} has no stage {name!r}; its stages: {self.stage_names}")
 
     @property
     def keras_model(self) -> Any:
@@ -378,6 +409,10 @@ class ModelPipe:
                 queue_depth=len(s.queue),
                 max_delay=s.queue.max_delay,
                 preferred_batch_sizes=s.queue.preferred_batch_sizes,
+                instances=tuple(
+                    _instance_stats(i, device, cs[i] if i < len(cs) else Counters())
+                    for i, device in enumerate(s.devices)
+                ),
             )
         accepted = self._stages[0].queue.accepted if self._stages else self._inline_done
         return PipeStats(stages=stages, in_flight=max(0, accepted - done), accepted=accepted)
@@ -445,3 +480,18 @@ class ModelPipe:
         gives a generator of results; dicts and sets are as :meth:`apply_unordered`.
         """
         return studioml.apply_ordered(self, data)
+
+
+def _instance_stats(index: int, device: str | None, c: Counters) -> InstanceStats:
+    """One worker's counters as its instance's stats (read without a lock: a snapshot; zeros
+    before the pipe starts)."""
+    hist = dict(c.hist)
+    return InstanceStats(
+        index=index,
+        device=device,
+        batches=c.batches,
+        items=c.items,
+        rows=sum(k * v for k, v in hist.items()),
+        compute_seconds=c.compute,
+        failures=c.failures,
+    )

@@ -17,6 +17,13 @@ that raises is re-run in halves, then singly, to find them), and the future carr
 from :mod:`studioserve.errors` naming the item's key and the stage. See
 :mod:`studioserve.pipelines.batching` for the batching policies and when to use which.
 
+Instances (Triton's instance groups): every worker of a stage is one instance, and worker ``i``
+calls instance ``i``'s function: the copy given for it in ``add(instances=[...])``, a runner of
+its own copy of a Keras model, or the stage's one function when the workers share it. All of
+them take batches from the stage's one queue, so whichever instance is free takes the next
+batch; each counts in its own :class:`Counters` and says its index in every
+:class:`~studioserve.pipelines.BatchEvent`.
+
 The worker loop (:meth:`Stage._work`) is the pipe's hot path: it caches what it uses in local
 variables and does as little as it can per item.
 """
@@ -42,7 +49,7 @@ from ..errors import (
 )
 from .batching import Batcher, BatchRowsError, Collated, collate, row_count, split_items, split_rows
 from .events import BatchEvent, logger
-from .keras_stage import KerasRunner
+from .keras_stage import KerasRunner, clone_runner
 from .options import StageOptions
 
 __all__ = ["Counters", "Func", "Item", "Listener", "Stage", "expired", "fail_item", "item_failed"]
@@ -118,17 +125,14 @@ class Stage:
             latency_objective=options.latency_objective,
             linger=options.linger if batching else 0.0,
         )
-        func: Func = options.func
-        self.prepare: Callable[[Any], tuple[Any, int]] | None = None
-        if options.keras:
-            runner = KerasRunner(func)
-            runner.warm()
-            self.prepare = runner.prepare
-            func = runner
-        self.func = func
         self.name = name
         self.pipe = pipe
-        self.num_workers = options.workers
+        self.prepare: Callable[[Any], tuple[Any, int]] | None = None
+        #: per instance (worker ``i`` calls ``funcs[i]``), its function and its device label
+        self.funcs: list[Func] = self._instances(options)
+        self.devices: tuple[str | None, ...] = options.device_labels
+        self.func: Func = self.funcs[0]
+        self.num_workers = len(self.funcs)
         self.batching = batching
         self.filterf = options.filterf
         self.batcher = options.batcher
@@ -141,6 +145,56 @@ class Stage:
         self.counters: list[Counters] = []
         self.rejected = 0  # items failed on the way in (filter, input checks); under _lock
         self._lock = threading.Lock()
+
+    def _instances(self, options: StageOptions) -> list[Func]:
+        """The function of each instance; for a Keras model, a warmed runner per copy (and
+        :attr:`prepare`, the input check they share).
+
+        ``instances=[...]`` gives the copies (taken as given); a Keras model given
+        ``instances=N`` (or N ``devices``) is cloned N - 1 times, each clone built on its
+        instance's device and checked to answer as the model does; otherwise every worker
+        shares ``func`` (``num_workers``, or ``instances=N`` for a function, which cannot be
+        copied).
+        """
+        n = options.workers
+        copies = options.copies
+        if not options.keras:
+            return list(copies) if copies is not None else [options.func] * n
+        labels = options.device_labels
+        placed = options.instances is not None or options.devices is not None
+        if copies is None and not (placed and n > 1):
+            runner = _runner(options.func, labels[0])
+            runner.warm()
+            self.prepare = runner.prepare
+            return [runner] * n
+        if copies is None:  # clones, each on its device and checked against the model
+            first = _runner(options.func, labels[0])
+            first.warm()
+            runners = [first]
+            for label in labels[1:]:
+                try:
+                    runners.append(clone_runner(options.func, label, first))
+                except ValueError as e:
+                    raise ValueError(
+                        f"stage {self.name!r}: {e}; pass the copies themselves as "
+                        f"instances=[model, copy, ...] (load the model once per instance)"
+                    ) from e
+            self.prepare = first.prepare
+            return list(runners)
+        runners = [_runner(m, labels[i]) for i, m in enumerate(copies)]
+        first = runners[0]
+        want = [(s.shape, s.dtype) for s in first.specs or ()]
+        for i, r in enumerate(runners[1:], 1):
+            got = [(s.shape, s.dtype) for s in r.specs or ()]
+            if got != want:
+                raise ValueError(
+                    f"stage {self.name!r}: instance {i} takes inputs {got}, instance 0 takes "
+                    f"{want}; every instance must be a copy of the same model"
+                )
+        for r in runners:
+            r.warm()
+        self.prepare = first.prepare
+        return list(runners)
 
     # -- on the way in -------------------------------------------------------------------------
     def enter(self, rec: Item, value: Any, block: bool) -> bool:
@@ -239,15 +293,15 @@ class Stage:
             self.counters.append(counters)
             t = threading.Thread(
                 target=self._worker,
-                args=(counters,),
+                args=(counters, i),
                 name=f"studioserve-{self.pipe}-{self.name}-{i}",
                 daemon=True,
             )
             self.threads.append(t)
 
-    def _worker(self, counters: Counters) -> None:
+    def _worker(self, counters: Counters, index: int) -> None:
         try:
-            self._work(counters)
+            self._work(counters, index)
         except BaseException:  # pragma: no cover - a bug in the pipe itself
             logger.exception("pipe %r: worker of stage %r died", self.pipe, self.name)
             for rec in self.queue.abort():
@@ -261,7 +315,8 @@ class Stage:
                 )
             raise
 
-    def _work(self, counters: Counters) -> None:
+    def _work(self, counters: Counters, index: int) -> None:
+        """Worker ``index``'s loop: instance ``index``'s batches until the queue closes."""
         get = self.queue.get_batch_entries
         record = self.queue.record
         timeout = self.timeout
@@ -269,7 +324,7 @@ class Stage:
         nxt = self.next
         post = self.post
         batching = self.batching
-        func = self.func
+        func = self.funcs[index]
         listeners = self.listeners
         fail = fail_item
         while True:
@@ -300,7 +355,7 @@ class Stage:
             nrows = sum(rows)
             t0 = _perf()
             if batching:
-                outs = self._compute_batch(recs, rows)
+                outs = self._compute_batch(func, recs, rows)
             else:
                 rec = recs[0]
                 try:
@@ -348,7 +403,9 @@ class Stage:
                     elif not nxt.enter(rec, out, True):
                         counters.done += 1
             if listeners:
-                self._notify(BatchEvent(name, n, nrows, tuple(waits), dt, n - failed, failed))
+                self._notify(
+                    BatchEvent(name, n, nrows, tuple(waits), dt, n - failed, failed, index)
+                )
 
     def _notify(self, event: BatchEvent) -> None:
         for cb in list(self.listeners):
@@ -358,18 +415,19 @@ class Stage:
                 logger.exception("pipe %r: batch listener %r raised; ignored", self.pipe, cb)
 
     # -- one batch -----------------------------------------------------------------------------
-    def _compute_batch(self, recs: list[Item], rows: list[int]) -> list[Any]:
+    def _compute_batch(self, func: Func, recs: list[Item], rows: list[int]) -> list[Any]:
         values = [r.value for r in recs]
         results: list[Any] = [None] * len(values)
         if self.batcher is not None:
-            self._run_group(recs, values, rows, list(range(len(values))), results, None)
+            self._run_group(func, recs, values, rows, list(range(len(values))), results, None)
         else:
             for group in collate(values):
-                self._run_group(recs, values, rows, group.indices, results, group)
+                self._run_group(func, recs, values, rows, group.indices, results, group)
         return results
 
     def _run_group(
         self,
+        func: Func,
         recs: list[Item],
         values: list[Any],
         rows: list[int],
@@ -377,9 +435,10 @@ class Stage:
         results: list[Any],
         group: Collated | None,
     ) -> None:
-        """Call the stage on ``idx``; on an exception, bisect to find the items to blame."""
+        """Call ``func`` (this worker's instance) on ``idx``; on an exception, bisect to find
+        the items to blame."""
         try:
-            outs = self._call_batch([values[i] for i in idx], [rows[i] for i in idx], group)
+            outs = self._call_batch(func, [values[i] for i in idx], [rows[i] for i in idx], group)
         except BatchRowsError as e:
             what = "rows" if e.expected == sum(rows[i] for i in idx) else "outputs"
             n = len(idx)
@@ -407,16 +466,18 @@ class Stage:
                 results[i] = _Failure(item_failed(e, recs[i].key, self.name))
                 return
             mid = len(idx) // 2
-            self._run_group(recs, values, rows, idx[:mid], results, None)
-            self._run_group(recs, values, rows, idx[mid:], results, None)
+            self._run_group(func, recs, values, rows, idx[:mid], results, None)
+            self._run_group(func, recs, values, rows, idx[mid:], results, None)
             return
         for i, o in zip(idx, outs, strict=True):
             results[i] = o
 
-    def _call_batch(self, values: list[Any], rows: list[int], group: Collated | None) -> list[Any]:
+    def _call_batch(
+        self, func: Func, values: list[Any], rows: list[int], group: Collated | None
+    ) -> list[Any]:
         n = len(values)
         if self.batcher is not None:
-            out = self.func(self.batcher(values))
+            out = func(self.batcher(values))
             if self.splitter is not None:
                 return _split_custom(self.splitter, out, rows, n)
             try:
@@ -430,12 +491,17 @@ class Stage:
             if len(groups) != 1:  # pragma: no cover - subsets of a group share its signature
                 raise RuntimeError("items of one group no longer stack together")
             group = groups[0]
-        out = self.func(group.data)
+        out = func(group.data)
         if self.splitter is not None:
             return _split_custom(self.splitter, out, group.rows or [1] * n, n)
         if group.rows is None:
             return split_items(out, n)
         return split_rows(out, group.rows)
+
+
+def _runner(model: Any, device: str | None) -> KerasRunner:
+    """A runner for one instance's Keras model (placed on ``device`` when it has one)."""
+    return KerasRunner(model) if device is None else KerasRunner(model, device=device)
 
 
 def fail_item(rec: Item, error: BaseException) -> None:

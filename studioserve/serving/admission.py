@@ -47,6 +47,13 @@ __all__ = [
     "default_max_queue_time",
 ]
 
+
+class _Default:
+    """The type of :data:`_DEFAULT` (the controller's own pipe)."""
+
+
+_DEFAULT = _Default()
+
 #: the longest Retry-After we suggest, in seconds
 MAX_RETRY_AFTER = 30.0
 
@@ -74,7 +81,8 @@ class AdmissionController:
     One controller is shared by every protocol's :class:`RequestHandler` of a server, so the
     cap counts pickle and OIP requests together.
 
-    :param pipe: the model's pipe (None for models without one: only the cap applies).
+    :param pipe: the default pipe of :meth:`admit` (a server of several models passes each
+        request's own; None, for models without one: only the cap applies).
     :param max_queue_time: seconds of queued work a new request may find ahead of it.
     :param max_in_flight: the most inference requests admitted at once (None: no cap).
     :raises ValueError: for a non-positive ``max_queue_time`` or ``max_in_flight``.
@@ -85,7 +93,7 @@ class AdmissionController:
 
     def __init__(
         self,
-        pipe: ModelPipe | None,
+        pipe: ModelPipe | None = None,
         *,
         max_queue_time: float,
         max_in_flight: int | None = None,
@@ -99,6 +107,7 @@ class AdmissionController:
         self.max_in_flight = max_in_flight
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._per_pipe: dict[int, int] = {}  # id(pipe) -> admitted requests on that model
         #: requests admitted since the start
         self.admitted = 0
         #: requests refused since the start
@@ -111,16 +120,21 @@ class AdmissionController:
         """Inference requests admitted and not yet released."""
         return self._in_flight
 
-    def admit(self) -> None:
+    def admit(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> None:
         """Take a slot for one request; :meth:`release` it once the request is answered.
 
+        :param pipe: the pipe of the model the request runs on (default: the controller's
+            own): with several models served, the in-flight cap is the server's and the
+            queue verdict is each model's.
         :raises Saturated: when the server is saturated (see the module docstring); no slot
             is taken then.
         """
-        pipe = self.pipe
+        if isinstance(pipe, _Default):
+            pipe = self.pipe
         load = pipe.load() if pipe is not None else None
         cap = self.max_in_flight
         wait = 0.0
+        key = id(pipe)
         with self._lock:  # decide and count at once: concurrent requests see each other
             in_flight = self._in_flight
             if cap is not None and in_flight >= cap and self._cap_binds(load, cap):
@@ -128,10 +142,12 @@ class AdmissionController:
             elif load is None:
                 reason = None
             else:
-                wait = self.expected_wait(load, in_flight)
+                mine = self._per_pipe.get(key, 0)
+                wait = self.expected_wait(load, mine)
                 reason = self._queue_verdict(load, wait)
             if reason is None:
                 self._in_flight = in_flight + 1
+                self._per_pipe[key] = self._per_pipe.get(key, 0) + 1
                 self.admitted += 1
                 return
             self.refused += 1
@@ -154,10 +170,16 @@ class AdmissionController:
         turnover = cap * load.batch_seconds / load.round_rows
         return turnover > self.max_queue_time / 16
 
-    def release(self) -> None:
-        """Give back the slot :meth:`admit` took."""
+    def release(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> None:
+        """Give back the slot :meth:`admit` took (for the same ``pipe``)."""
+        key = id(self.pipe if isinstance(pipe, _Default) else pipe)
         with self._lock:
             self._in_flight -= 1
+            left = self._per_pipe.get(key, 0) - 1
+            if left > 0:
+                self._per_pipe[key] = left
+            else:
+                self._per_pipe.pop(key, None)
 
     @staticmethod
     def expected_wait(load: PipeLoad, in_flight: int) -> float:

@@ -2,18 +2,20 @@
 
 :meth:`RequestHandler.handle` does, in this order and nowhere else:
 
-1. ``protocol.resolve``: the model the URL names exists (OIP; 404 otherwise);
-2. the ready check (503 + Retry-After while loading or draining);
+1. the ready check (503 + Retry-After while loading or draining);
+2. ``protocol.resolve``: the model (and version) the URL names, leased from the service's
+   :class:`~studioserve.serving.repository.ModelRepository` until the request is answered
+   (404 for an unknown model or version, 400 for ``POST /`` while several are served);
 3. the size limit on the declared length (413 before a byte is read);
 4. admission (:class:`~studioserve.serving.admission.AdmissionController`): 503 +
    Retry-After at once when the server is saturated, before the body is read; an admitted
    request holds its slot until it is answered;
 5. reads the body; ``protocol.decode``: body to a request dict (400/415 for what cannot be
    decoded);
-6. :meth:`ModelService.predict <studioserve.serving.service.ModelService.predict>`, counted by
-   the service's :class:`~studioserve.serving.activity.Activity` (the inactivity timer);
+6. the leased model's ``predict``, counted by the service's
+   :class:`~studioserve.serving.activity.Activity` (the inactivity timer);
 7. ``protocol.encode``: the result to the protocol's body;
-8. one ``on_request`` for the observers, with the status and the time taken.
+8. one ``on_request`` for the observers, with the status, the time taken and the model.
 
 Errors become replies in one place per protocol (``protocol.error``: its status table and its
 error body). The transports (:mod:`studioserve.http.pickle_routes`'s WSGI fast path and Flask
@@ -33,6 +35,7 @@ from typing import Any
 from ..errors import Saturated, StudioServeError, TooLarge
 from .admission import AdmissionController
 from .observer import Observers
+from .repository import ModelRepository, ServedVersion
 from .service import ModelService
 
 logger = logging.getLogger(__name__)
@@ -54,8 +57,9 @@ class InferenceRequest:
     :param read: reads the whole body; raises :class:`~studioserve.errors.TooLarge` when it
         is over the limit.
     :param header: a request header by its HTTP name (``"Content-Type"``), or None.
-    :param model: the model the URL names (OIP), if any.
-    :param version: the model version the URL names (OIP), if any.
+    :param model: the model the URL names, if any (``POST /`` names none).
+    :param version: the model version the URL names, if any.
+    :param target: the version the request runs on, set by the request path once resolved.
     """
 
     length: int | None
@@ -63,6 +67,7 @@ class InferenceRequest:
     header: Callable[[str], str | None] = _no_header
     model: str | None = None
     version: str | None = None
+    target: ServedVersion | None = None
 
 
 @dataclass(slots=True)
@@ -84,8 +89,12 @@ class Protocol(abc.ABC):
     #: the route label observers see (metrics: ``route``)
     route: str = ""
 
-    def resolve(self, request: InferenceRequest) -> None:  # noqa: B027 - optional hook
-        """Check what the URL names; raise :class:`~studioserve.errors.ModelNotFound` if absent."""
+    def resolve(self, request: InferenceRequest, repository: ModelRepository) -> ServedVersion:
+        """The version the request runs on, leased (the request path releases it).
+
+        :raises ModelNotFound: for a model or version not served.
+        """
+        return repository.lease(request.model, request.version)
 
     @abc.abstractmethod
     def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
@@ -138,35 +147,49 @@ class RequestHandler:
             reply = self.protocol.error(
                 StudioServeError(f"internal server error: {type(e).__name__}")
             )
-        self.observers.on_request(self.protocol.route, reply.status, _perf() - start)
+        self.observers.on_request(
+            self.protocol.route, reply.status, _perf() - start, request.target
+        )
         return reply
 
     def _handle(self, request: InferenceRequest) -> Reply:
         protocol = self.protocol
         service = self.service
-        admission = self.admission
         try:
-            protocol.resolve(request)
             if not service.ready:
                 raise service.not_ready()
+            target = protocol.resolve(request, service.repository)
+        except StudioServeError as e:
+            return protocol.error(e)
+        request.target = target
+        try:
+            return self._admitted(request, target)
+        finally:
+            target.release()
+
+    def _admitted(self, request: InferenceRequest, target: ServedVersion) -> Reply:
+        protocol = self.protocol
+        admission = self.admission
+        pipe = target.model.pipe
+        try:
             length = request.length
             if length is not None and length > self.max_body:
                 raise TooLarge(self.max_body, length)
             if admission is not None:
-                admission.admit()
+                admission.admit(pipe)
         except Saturated as e:
             _drain(request)
             return protocol.error(e)
         except StudioServeError as e:
             return protocol.error(e)
         if admission is None:
-            return self._serve(request)
+            return self._serve(request, target)
         try:
-            return self._serve(request)
+            return self._serve(request, target)
         finally:
-            admission.release()
+            admission.release(pipe)
 
-    def _serve(self, request: InferenceRequest) -> Reply:
+    def _serve(self, request: InferenceRequest, target: ServedVersion) -> Reply:
         protocol = self.protocol
         service = self.service
         try:
@@ -176,7 +199,10 @@ class RequestHandler:
         activity = service.activity
         activity.begin()
         try:
-            result = service.predict(data, timeout=getattr(context, "timeout", None))
+            timeout = getattr(context, "timeout", None)
+            result = target.model.predict(
+                data, timeout=service.request_timeout if timeout is None else timeout
+            )
             payload, headers = protocol.encode(result, context, request)
         except StudioServeError as e:
             return protocol.error(e)

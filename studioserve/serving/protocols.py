@@ -22,13 +22,13 @@ from ..errors import ModelNotFound, RequestFailed, StudioServeError
 from ..wire.budget import DecodeLimits
 from ..wire.oip_codec import (
     HEADER_LENGTH,
-    VERSION,
     InferRequest,
     bad_request,
     decode_infer_request,
     encode_infer_response,
 )
 from .inference import InferenceRequest, Protocol, Reply
+from .repository import ModelRepository, ServedVersion
 from .service import ModelService
 
 __all__ = ["OipProtocol", "PickleProtocol", "retry_after_header"]
@@ -70,14 +70,14 @@ class PickleProtocol(Protocol):
 
 
 class OipProtocol(Protocol):
-    """The Open Inference Protocol's infer for the model ``name``.
+    """The Open Inference Protocol's infer for any served model (the URL names it).
 
     Models without an input signature (the identity model, ``dict -> dict`` wrappers) take
     each input as one key and answer with one output per input, named like it (or with the
     keys of the dict they return for it).
 
-    :param service: the model service (its signature maps tensors to request keys).
-    :param name: the model's name in URLs (the experiment key).
+    :param service: unused; kept for callers that pass it (the URL names the model).
+    :param name: unused; kept for callers that pass it.
     :param max_body: the most bytes a compressed body may expand to.
     :param limits: what a decoded body may build (default: from ``max_body``).
     """
@@ -86,30 +86,21 @@ class OipProtocol(Protocol):
 
     def __init__(
         self,
-        service: ModelService,
-        name: str,
-        max_body: int | None,
+        service: ModelService | None = None,
+        name: str | None = None,
+        max_body: int | None = None,
         *,
         limits: DecodeLimits | None = None,
     ) -> None:
-        self.service = service
-        self.name = name
         self.max_body = max_body
         self.limits = limits or (
             DecodeLimits(max_body=max_body) if max_body is not None else DecodeLimits()
         )
 
-    def check_model(self, name: str, version: str | None) -> None:
-        """:raises ModelNotFound: unless ``name`` (and ``version``, if given) is served."""
-        if name != self.name:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.name!r}")
-        if version is not None and version != VERSION:
-            raise ModelNotFound(
-                f"unknown version {version!r} of model {name!r}; the only version is {VERSION!r}"
-            )
-
-    def resolve(self, request: InferenceRequest) -> None:
-        self.check_model(request.model or "", request.version)
+    def resolve(self, request: InferenceRequest, repository: ModelRepository) -> ServedVersion:
+        if not request.model:
+            raise ModelNotFound("the Open Inference Protocol names the model in the URL")
+        return repository.lease(request.model, request.version)
 
     def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
         req = decode_infer_request(
@@ -118,15 +109,20 @@ class OipProtocol(Protocol):
             limits=self.limits,
             content_encoding=request.header("Content-Encoding"),
         )
-        return self.to_service(req), req
+        return self.to_service(req, _target(request)), req
 
     def encode(
         self, result: dict[str, Any], context: Any, request: InferenceRequest
     ) -> tuple[bytes, list[tuple[str, str]]]:
         req: InferRequest = context
-        outputs, binary = self.select(req, self.from_service(result))
+        target = _target(request)
+        outputs, binary = self.select(req, self.from_service(result, target), target.name)
         payload, headers = encode_infer_response(
-            self.name, outputs, binary=binary, request_id=req.id
+            target.name,
+            outputs,
+            binary=binary,
+            request_id=req.id,
+            model_version=str(target.version),
         )
         return payload, list(headers.items())
 
@@ -136,8 +132,10 @@ class OipProtocol(Protocol):
         return Reply(status, [_JSON, *retry_after_header(e)], body)
 
     # -- tensors <-> request keys ------------------------------------------------------------
-    def to_service(self, req: InferRequest) -> dict[str, Any]:
-        specs = self.service.inputs
+    @staticmethod
+    def to_service(req: InferRequest, target: ServedVersion) -> dict[str, Any]:
+        """The request dict for the model: one key per input, or one ``"request"`` dict."""
+        specs = target.model.inputs
         if not specs:
             return dict(req.inputs)
         names = [s.name for s in specs]
@@ -150,23 +148,25 @@ class OipProtocol(Protocol):
             if missing:
                 parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
             raise bad_request(
-                f"{'; '.join(parts)}: model {self.name!r} takes {', '.join(map(repr, names))}"
+                f"{'; '.join(parts)}: model {target.name!r} takes {', '.join(map(repr, names))}"
             )
         if len(specs) == 1:
             return {names[0]: req.inputs[names[0]]}
         return {"request": {n: req.inputs[n] for n in names}}
 
-    def from_service(self, result: dict[str, Any]) -> dict[str, Any]:
-        service = self.service
+    @staticmethod
+    def from_service(result: dict[str, Any], target: ServedVersion) -> dict[str, Any]:
+        """The output tensors, by name, of the model's result dict."""
+        model = target.model
         out: dict[str, Any] = {}
-        if not service.inputs:
+        if not model.inputs:
             for key, value in result.items():
                 if isinstance(value, dict):
                     out.update(value)
                 else:
                     out[key] = value
             return out
-        names = [s.name for s in service.outputs]
+        names = [s.name for s in model.outputs]
         for value in result.values():
             if isinstance(value, dict):
                 out.update(value)
@@ -177,8 +177,9 @@ class OipProtocol(Protocol):
                 out[names[0] if names else "output_0"] = value
         return out
 
+    @staticmethod
     def select(
-        self, req: InferRequest, outputs: dict[str, Any]
+        req: InferRequest, outputs: dict[str, Any], name: str
     ) -> tuple[dict[str, Any], dict[str, bool]]:
         if req.outputs is None:
             return outputs, dict.fromkeys(outputs, req.binary_output)
@@ -187,7 +188,7 @@ class OipProtocol(Protocol):
         for o in req.outputs:
             if o.name not in outputs:
                 raise bad_request(
-                    f"unknown output {o.name!r}: model {self.name!r} returns "
+                    f"unknown output {o.name!r}: model {name!r} returns "
                     f"{', '.join(map(repr, outputs)) or 'no outputs'}"
                 )
             chosen[o.name] = outputs[o.name]
@@ -202,3 +203,10 @@ def _message(e: StudioServeError) -> str:
         return msg
     extra = [m for m in e.keys.values() if m not in msg]
     return "; ".join([msg, *extra]) if extra else msg
+
+
+def _target(request: InferenceRequest) -> ServedVersion:
+    target = request.target
+    if target is None:  # pragma: no cover - the request path resolves before decoding
+        raise ModelNotFound("the request was not resolved to a model")
+    return target

@@ -16,7 +16,8 @@ are copied from the older version), while an unchanged experiment is found in th
 nothing is downloaded.
 
 A fetch downloads into a fresh ``.tmp-*`` folder, checks every file's size (and MD5 where the
-store gives one), writes ``manifest.json``, and only then renames the folder to ``v-<digest>``.
+store gives one), sets each file's mtime to the object's time in the store (where the listing
+gives one), writes ``manifest.json``, and only then renames the folder to ``v-<digest>``.
 A killed fetch therefore never leaves a folder that looks complete; the next fetch (under the
 lock) deletes the leftovers. Object names are untrusted: every one goes through
 :mod:`studioserve.store._names`, and no symlink is ever created. The cache knows nothing of
@@ -80,6 +81,9 @@ class RemoteObject:
     :param md5: the content's MD5 as 32 hex digits, when the store vouches for it.
     :param crc32c: the content's CRC32C as the store writes it (GCS: base64), if any.
     :param version: a version id (GCS generation), if any.
+    :param modified: when the object was last written in the store (POSIX seconds; 0:
+        unknown). The cached file gets it as its mtime, so "the newest checkpoint" means the
+        same in the cache as in the store. Not part of :meth:`identity`.
     """
 
     rel: str
@@ -89,6 +93,7 @@ class RemoteObject:
     md5: str = ""
     crc32c: str = ""
     version: str = ""
+    modified: float = 0.0
 
     def __post_init__(self) -> None:
         safe_relpath(self.rel)
@@ -443,6 +448,7 @@ class ModelCache:
             try:
                 shutil.copyfile(source, path)  # writes a regular file, never a link
                 if path.stat().st_size == obj.size:
+                    _set_mtime(path, obj)
                     logger.debug("reused cached %s for %s", source, obj.name)
                     progress.add(obj.size)
                     progress.file_done()
@@ -477,4 +483,14 @@ class ModelCache:
             what=f"download of {obj.name}",
             cancel=cancel,
         )
+        _set_mtime(path, obj)
         progress.file_done()
+
+
+def _set_mtime(path: Path, obj: RemoteObject) -> None:
+    """Give a cached file the object's modification time in the store, when known."""
+    if obj.modified > 0:
+        try:
+            os.utime(path, (obj.modified, obj.modified))
+        except OSError as e:
+            raise StoreError(f"cannot set the mtime of {path}: {e}; check the cache folder") from e

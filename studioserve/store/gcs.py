@@ -1,10 +1,11 @@
 """Experiments in Google Cloud Storage: ``gs://bucket/prefix``.
 
-Layout: ``<prefix>/<key>/modeldir/**`` and ``<prefix>/<key>/experiment.json``. ``add``
-uploads the modeldir (resumable uploads, in chunks, for files over 8 MiB) and writes
-``experiment.json`` last, so a half-uploaded experiment is never listed. ``fetch`` downloads
-into a verified local cache (see :mod:`studioserve.store.cache`); the SDK checks each
-download's CRC32C and the cache its size and MD5.
+Layout: ``<prefix>/<key>/modeldir/**``, ``<prefix>/<key>/experiment.json`` and an optional
+``<prefix>/<key>/serving.toml``. ``add`` uploads the modeldir (resumable uploads, in chunks,
+for files over 8 MiB) and writes ``experiment.json`` last, so a half-uploaded experiment is
+never listed. ``fetch`` downloads into a verified local cache (see
+:mod:`studioserve.store.cache`); the SDK checks each download's CRC32C and the cache its size
+and MD5.
 
 Credentials come only from google-cloud-storage's standard chain (Application Default
 Credentials: ``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``,
@@ -268,6 +269,7 @@ class GCSStore(RemoteStore):
                 md5=_b64_to_hex(blob.md5_hash),
                 crc32c=str(blob.crc32c or ""),
                 version=str(blob.generation or ""),
+                modified=blob.updated.timestamp() if blob.updated is not None else 0.0,
             )
             for blob in page
         ]

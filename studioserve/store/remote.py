@@ -2,9 +2,11 @@
 
 :class:`RemoteStore` lists only complete experiments, writes ``experiment.json`` last on
 ``add`` and deletes it first on ``remove``, retries with backoff, runs transfers in parallel
-and fetches through the verified :class:`~studioserve.store.cache.ModelCache`; each SDK module
-(:mod:`.s3`, :mod:`.gcs`) implements the primitives, in the SDK-neutral terms of
-:class:`ObjectInfo` and :class:`MissingObject`. Nothing here imports a cloud SDK.
+and fetches through the verified :class:`~studioserve.store.cache.ModelCache`; it also puts
+one file into an existing experiment, reads and writes ``serving.toml`` and fingerprints an
+experiment from one listing (for hot reload). Each SDK module (:mod:`.s3`, :mod:`.gcs`)
+implements the primitives, in the SDK-neutral terms of :class:`ObjectInfo` and
+:class:`MissingObject`. Nothing here imports a cloud SDK.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import ChecksumMismatch, ExperimentExists, StoreError
-from ._names import local_files, safe_relpath
+from ._names import check_layout, local_files, safe_relpath
 from ._transfer import Cancelled, Progress, RetryPolicy, Sink, retry_call
 from .base import (
     EXPERIMENT_FILE,
     KEY_PATTERN,
     MODELDIR,
+    SERVING_FILE,
     ExperimentInfo,
     Store,
+    check_serving_size,
+    fingerprint_of,
     now_iso,
+    serving_config_bytes,
     validate_key,
 )
-from .cache import ModelCache, RemoteObject
+from .cache import ModelCache, RemoteObject, listing_digest
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class ObjectInfo:
     md5: str = ""
     crc32c: str = ""
     version: str = ""
+    modified: float = 0.0
 
 
 class MissingObject(Exception):
@@ -61,13 +68,16 @@ class MissingObject(Exception):
 
 
 class RemoteStore(Store):
-    """An object-store experiment store: ``<prefix>/<key>/modeldir/**`` + ``experiment.json``.
+    """An object-store experiment store: ``<prefix>/<key>/modeldir/**``, ``experiment.json``
+    and an optional ``serving.toml``.
 
     Subclasses (:class:`~studioserve.store.s3.S3Store`,
     :class:`~studioserve.store.gcs.GCSStore`) provide a handful of primitive operations on one
     SDK; this class builds the store on them: listing only complete experiments, uploads that
     write ``experiment.json`` last, deletes that remove it first, retries with backoff, and
-    fetches through the verified :class:`ModelCache`.
+    fetches through the verified :class:`ModelCache`. Each object is written whole (one PUT,
+    or a multipart/resumable upload that only appears once complete), so :meth:`put_file`
+    never shows half a checkpoint; a checkpoint of several files appears file by file.
     """
 
     scheme = ""
@@ -200,15 +210,19 @@ class RemoteStore(Store):
         framework: str = "",
         force: bool = False,
         quiet: bool = True,
+        serving_config: bytes | Path | None = None,
     ) -> ExperimentInfo:
         """Upload folder ``src`` as ``key``'s modeldir, then write ``experiment.json``.
 
         With ``force`` an existing experiment is first made incomplete (its
         ``experiment.json`` is deleted, so it is no longer listed), then its files are
-        replaced; files of the old version that the new one lacks are deleted before
-        ``experiment.json`` is written again.
+        replaced; files of the old version that the new one lacks (its ``serving.toml``
+        included, unless a new one is given) are deleted before ``experiment.json`` is
+        written again.
 
         :param quiet: no progress line (it is only drawn on a terminal anyway).
+        :param serving_config: the experiment's ``serving.toml`` (bytes, or a file to copy),
+            written after the modeldir and before ``experiment.json``.
         :raises ExperimentExists: when ``key`` exists and ``force`` is false.
         :raises UnsafePath: for a file name that is not a safe relative path.
         :raises StoreError: for a missing bucket, denied access or network failures.
@@ -219,7 +233,11 @@ class RemoteStore(Store):
             raise StoreError(f"{src} is not a folder; pass the folder that holds the checkpoints")
         files = local_files(src)
         meta = base + EXPERIMENT_FILE
+        serving_name = base + SERVING_FILE
         where = self._where(key)
+        serving = (
+            None if serving_config is None else serving_config_bytes(serving_config, where=where)
+        )
         exists = self._call(lambda: self._exists_object(meta), what=f"check {where}")
         if exists and not force:
             raise ExperimentExists(
@@ -232,6 +250,9 @@ class RemoteStore(Store):
         )
         self._upload_all(key, base, files, quiet=quiet)
         wanted = {base + MODELDIR + "/" + rel for rel, _ in files}
+        if serving is not None:
+            self._write_serving(serving_name, serving)
+            wanted.add(serving_name)
         old, _ = self._list(base)
         stale = [o.name for o in old if o.name not in wanted and o.name != meta]
         self._delete(stale, what=f"delete old files of {where}")
@@ -263,9 +284,14 @@ class RemoteStore(Store):
         """A verified local copy of ``key``'s modeldir, downloaded only when needed.
 
         A second fetch of an unchanged experiment lists the remote folder and downloads
-        nothing; a changed object (size or ETag/generation) is fetched again.
+        nothing; after a change (a file put, rewritten or removed: a new :meth:`fingerprint`)
+        it downloads only the new and changed objects, copies the others from the cached
+        version, and returns a new folder (the older version is then deleted). Each cached
+        file gets the object's modification time in the store as its mtime, so the newest
+        checkpoint in the cache is the newest one in the store.
 
-        :param refresh: download again even when the cache is current.
+        :param refresh: download everything again even when the cache is current (for a
+            damaged cache; a change in the store needs no refresh).
         :param quiet: no progress line (it is only drawn when stderr is a terminal).
         :returns: the cached modeldir folder.
         :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
@@ -300,6 +326,119 @@ class RemoteStore(Store):
         """The cached modeldir if it matches the remote listing now, else None (no download)."""
         return self._cache.lookup(key, self._modeldir(key))
 
+    def fingerprint(self, key: str) -> str:
+        """A token of ``key``'s modeldir and ``serving.toml``, from one listing (no download).
+
+        Built from what decides whether the cache is current (each object's name, size and
+        MD5, or ETag/generation where there is no MD5), so a new token means :meth:`fetch`
+        has something to download, and re-uploading identical bytes changes nothing.
+
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        :raises UnsafePath: for a modeldir object name that could escape the cache folder.
+        """
+        base = self._base(key)
+        listing = self._experiment(key)
+        entries = [(MODELDIR, listing_digest(self._objects(key, listing)))]
+        for o in listing:
+            if o.name == base + SERVING_FILE:
+                serving = RemoteObject(
+                    SERVING_FILE, o.name, o.size, o.etag, o.md5, o.crc32c, o.version
+                )
+                entries.append((SERVING_FILE, listing_digest([serving])))
+        return fingerprint_of(entries)
+
+    def serving_config(self, key: str) -> tuple[bytes, str] | None:
+        """The bytes and URL of ``key``'s ``serving.toml``, or None; one listing, one read.
+
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        :raises StoreError: for an object over the size limit (checked in the listing,
+            before any download), or network failures.
+        """
+        base = self._base(key)
+        name = base + SERVING_FILE
+        url = self._object_url(name)
+        top, _ = self._list(base, delimiter="/")
+        names = {o.name: o for o in top}
+        if base + EXPERIMENT_FILE not in names:
+            raise self.not_found(key)
+        listed = names.get(name)
+        if listed is None:
+            return None
+        check_serving_size(listed.size, url)
+        try:
+            raw = self._call(lambda: self._read_object(name), what=f"read {url}")
+        except MissingObject:
+            return None  # deleted since the listing
+        check_serving_size(len(raw), url)  # replaced by a bigger one since the listing
+        return raw, url
+
+    def put_serving_config(self, key: str, data: bytes | Path) -> None:
+        """Create or replace ``key``'s ``serving.toml`` (one object write).
+
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        """
+        raw = serving_config_bytes(data, where=self._where(key))
+        self._require(key)
+        name = self._base(key) + SERVING_FILE
+        self._write_serving(name, raw)
+        logger.info("wrote %s", self._object_url(name))
+
+    def remove_serving_config(self, key: str) -> bool:
+        """Delete ``key``'s ``serving.toml``; False if it had none.
+
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        """
+        self._require(key)
+        name = self._base(key) + SERVING_FILE
+        url = self._object_url(name)
+        if not self._call(lambda: self._exists_object(name), what=f"check {url}"):
+            return False
+        self._delete([name], what=f"delete {url}")
+        logger.info("removed %s", url)
+        return True
+
+    def put_file(
+        self, key: str, relative_path: str, local_path: Path, *, quiet: bool = True
+    ) -> None:
+        """Upload ``local_path`` as ``<key>/modeldir/<relative_path>`` (one object).
+
+        The object appears whole once its upload completes (S3 and GCS never show a partial
+        object); the experiment stays listed and fetchable throughout.
+
+        :param quiet: no progress line.
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        :raises UnsafePath: for a path that is not a safe relative path, or that would make
+            a file of modeldir also a folder.
+        :raises StoreError: when ``local_path`` is not a readable file, or the upload fails.
+        """
+        rel = safe_relpath(relative_path)
+        src = Path(local_path)
+        existing = self._modeldir(key)
+        if not src.is_file():
+            raise StoreError(f"{src} is not a file; pass the checkpoint file to put")
+        check_layout([o.rel for o in existing if o.rel != rel] + [rel])
+        self._upload_all(key, self._base(key), [(rel, src)], quiet=quiet)
+        logger.info("put %s into %s/%s/%s", src, self._where(key), MODELDIR, rel)
+
+    def remove_file(self, key: str, relative_path: str) -> bool:
+        """Delete the object ``<key>/modeldir/<relative_path>``; False if there is none.
+
+        :raises ExperimentNotFound: when ``key`` has no ``experiment.json``.
+        :raises UnsafePath: for a path that is not a safe relative path.
+        :raises StoreError: when the path names a folder of modeldir, or the delete fails.
+        """
+        rel = safe_relpath(relative_path)
+        objects = self._modeldir(key)
+        url = f"{self._where(key)}/{MODELDIR}/{rel}"
+        found = [o for o in objects if o.rel == rel]
+        if not found:
+            if any(o.rel.startswith(rel + "/") for o in objects):
+                raise StoreError(f"{url} is a folder; name a file of it")
+            return False
+        self._delete([found[0].name], what=f"delete {url}")
+        logger.info("removed %s", url)
+        return True
+
     def close(self) -> None:
         """Release the SDK client's connections (the store cannot be used afterwards)."""
 
@@ -328,13 +467,33 @@ class RemoteStore(Store):
             if not token:
                 return objects, prefixes
 
-    def _modeldir(self, key: str) -> list[RemoteObject]:
-        """The modeldir listing of a complete experiment; not_found when it is incomplete."""
+    def _experiment(self, key: str) -> list[ObjectInfo]:
+        """Every object of a complete experiment (one listing); not_found when incomplete."""
         base = self._base(key)
         listing, _ = self._list(base)
         if not any(o.name == base + EXPERIMENT_FILE for o in listing):
             raise self.not_found(key)
-        mbase = base + MODELDIR + "/"
+        return listing
+
+    def _require(self, key: str) -> None:
+        """Raise not_found unless ``key`` is a complete experiment (one HEAD)."""
+        meta = self._base(key) + EXPERIMENT_FILE
+        if not self._call(lambda: self._exists_object(meta), what=f"check {self._where(key)}"):
+            raise self.not_found(key)
+
+    def _write_serving(self, name: str, data: bytes) -> None:
+        self._call(
+            lambda: self._write_object(name, data, "application/toml"),
+            what=f"write {self._object_url(name)}",
+        )
+
+    def _modeldir(self, key: str) -> list[RemoteObject]:
+        """The modeldir listing of a complete experiment; not_found when it is incomplete."""
+        return self._objects(key, self._experiment(key))
+
+    def _objects(self, key: str, listing: Sequence[ObjectInfo]) -> list[RemoteObject]:
+        """The modeldir files among ``key``'s ``listing``, as the cache describes them."""
+        mbase = self._base(key) + MODELDIR + "/"
         out = []
         for o in listing:
             if not o.name.startswith(mbase):
@@ -351,6 +510,7 @@ class RemoteStore(Store):
                     md5=o.md5,
                     crc32c=o.crc32c,
                     version=o.version,
+                    modified=o.modified,
                 )
             )
         return out

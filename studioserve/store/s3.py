@@ -1,9 +1,9 @@
 """Experiments in Amazon S3 or an S3-compatible store (MinIO, R2): ``s3://bucket/prefix``.
 
-Layout: ``<prefix>/<key>/modeldir/**`` and ``<prefix>/<key>/experiment.json``. ``add``
-uploads the modeldir (multipart for large files) and writes ``experiment.json`` last, so a
-half-uploaded experiment is never listed. ``fetch`` downloads into a verified local cache (see
-:mod:`studioserve.store.cache`).
+Layout: ``<prefix>/<key>/modeldir/**``, ``<prefix>/<key>/experiment.json`` and an optional
+``<prefix>/<key>/serving.toml``. ``add`` uploads the modeldir (multipart for large files) and
+writes ``experiment.json`` last, so a half-uploaded experiment is never listed. ``fetch``
+downloads into a verified local cache (see :mod:`studioserve.store.cache`).
 
 Credentials come only from boto3's standard chain (environment, ``AWS_PROFILE`` and
 ``~/.aws``, SSO, container or instance roles). So does the endpoint: set
@@ -240,12 +240,14 @@ class S3Store(RemoteStore):
         objects = []
         for o in page.get("Contents", []):
             etag = str(o.get("ETag", "")).strip('"')
+            modified = o.get("LastModified")
             objects.append(
                 ObjectInfo(
                     name=str(o["Key"]),
                     size=int(o.get("Size", 0)),
                     etag=etag,
                     md5=md5_from_etag(etag),
+                    modified=modified.timestamp() if modified is not None else 0.0,
                 )
             )
         prefixes = [str(p["Prefix"]) for p in page.get("CommonPrefixes", [])]

@@ -52,7 +52,8 @@ class _Second:
 class LiveSeries:
     """Per-second counts of the last ``window`` seconds, for the status page's charts.
 
-    :param stage: the pipe stage whose batches count (the model stage), or None to count none.
+    :param stage: the pipe stage whose batches count (the model stage), or None to count every
+        batch it is given (the telemetry then passes only model stages' batches).
     :param window: seconds kept.
     :param clock: ``time.time`` (replaceable in tests).
     """
@@ -79,8 +80,8 @@ class LiveSeries:
                     del self._seconds[old]
         return sec
 
-    def on_request(self, route: str, status: int, seconds: float) -> None:
-        """An inference request finished."""
+    def on_request(self, route: str, status: int, seconds: float, model: Any = None) -> None:
+        """An inference request finished (to any model)."""
         i = bisect.bisect_left(_LIVE_BOUNDS, seconds)
         with self._lock:
             sec = self._at(self._clock())
@@ -95,7 +96,7 @@ class LiveSeries:
 
     def on_batch(self, event: BatchEvent) -> None:
         """A pipe batch finished."""
-        if event.stage != self.stage:
+        if self.stage is not None and event.stage != self.stage:
             return
         with self._lock:
             sec = self._at(self._clock())

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from ..pipelines import BatchEvent
+from ..serving.repository import ServedModel, ServedVersion
 from ..serving.service import ModelService
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ class PrometheusMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        pipe = service.model.pipe
-        max_batch = int(getattr(pipe, "max_batch_size", 1) or 1)
+        max_batch = max(
+            [int(getattr(m.latest.model.pipe, "max_batch_size", 1) or 1) for m in _ready(service)]
+            or [1]
+        )
         self.batch_size = pc.Histogram(
             "studioserve_batch_size",
             "Rows per batch a pipe stage computed.",
@@ -139,12 +142,30 @@ class PrometheusMetrics:
             buckets=_buckets_for(max_batch),
             registry=reg,
         )
+        self.model_requests = pc.Counter(
+            "studioserve_model_requests",
+            "Inference requests answered, by model, version and HTTP status.",
+            ["model", "version", "status"],
+            registry=reg,
+        )
+        self.model_rows = pc.Counter(
+            "studioserve_model_rows",
+            "Rows (examples) the model stage of each model computed.",
+            ["model"],
+            registry=reg,
+        )
+        self.instance_executions = pc.Counter(
+            "studioserve_instance_executions",
+            "Batches each instance (replica) of a model's stage computed.",
+            ["model", "instance"],
+            registry=reg,
+        )
         self._children: dict[str, tuple[Any, Any, Any]] = {}
         self._route_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, int], Any] = {}
+        self._model_children: dict[tuple[str, int, int], Any] = {}
+        self._instance_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
-        model = service.model
-        stage = model.model_stage
         metrics = self
 
         class _Gauges:
@@ -152,16 +173,19 @@ class PrometheusMetrics:
                 return metrics.gauges(GaugeMetricFamily, CounterMetricFamily)
 
         reg.register(_Gauges())  # type: ignore[arg-type]
-        pc.Info("studioserve_model", "The model being served.", registry=reg).info(
-            {
-                "experiment": experiment,
-                "kind": model.kind,
-                "source": model.source,
-                "model_stage": stage or "",
-            }
-        )
+        self.experiment = experiment
 
-    def on_request(self, route: str, status: int, seconds: float) -> None:
+    def on_request(
+        self, route: str, status: int, seconds: float, model: ServedVersion | None = None
+    ) -> None:
+        if model is not None:
+            key = (model.name, model.version, status)
+            child = self._model_children.get(key)
+            if child is None:
+                child = self._model_children[key] = self.model_requests.labels(
+                    model.name, str(model.version), str(status)
+                )
+            child.inc()
         counter = self._request_children.get((route, status))
         if counter is None:
             counter = self._request_children[(route, status)] = self.requests.labels(
@@ -173,7 +197,17 @@ class PrometheusMetrics:
             child = self._route_children[route] = self.latency.labels(route)
         child.observe(seconds)
 
-    def on_batch(self, event: BatchEvent) -> None:
+    def on_batch(self, event: BatchEvent, model: str | None = None) -> None:
+        if model is not None:
+            instance = getattr(event, "instance", 0)
+            pair = self._instance_children.get((model, instance))
+            if pair is None:
+                pair = self._instance_children[(model, instance)] = (
+                    self.instance_executions.labels(model, str(instance)),
+                    self.model_rows.labels(model),
+                )
+            pair[0].inc()
+            pair[1].inc(event.rows)
         children = self._children.get(event.stage)
         if children is None:
             children = self._children[event.stage] = (
@@ -189,7 +223,8 @@ class PrometheusMetrics:
 
     def gauges(self, gauge: Any, counter: Any) -> Iterator[Any]:
         service = self.service
-        model = service.model
+        entries = service.repository.models()
+        served = [v for m in entries for v in m.versions.values()]
         yield _single(
             gauge,
             "studioserve_in_flight_requests",
@@ -205,11 +240,11 @@ class PrometheusMetrics:
         yield _single(
             gauge,
             "studioserve_model_load_seconds",
-            "Seconds loading and warming the model took.",
-            model.load_seconds,
+            "Seconds loading and warming the served model versions took (all of them).",
+            sum(v.model.load_seconds for v in served),
         )
         yield _single(
-            gauge, "studioserve_model_ready", "1 once the model is warm.", int(service.ready)
+            gauge, "studioserve_model_ready", "1 once the server is warm.", int(service.ready)
         )
         yield _single(
             gauge,
@@ -225,19 +260,23 @@ class PrometheusMetrics:
                 "Seconds until the inactivity timer (--killafter) shuts the server down.",
                 max(0.0, at - time.monotonic()),
             )
-        pipe = model.pipe
-        if pipe is None:
-            return
-        try:
-            stats = pipe.stats()
-        except Exception:
-            logger.debug("pipe stats failed", exc_info=True)
+        yield from self._model_gauges(gauge, counter, entries)
+        stats_of = []
+        for v in served:
+            pipe = v.model.pipe
+            if pipe is None:
+                continue
+            try:
+                stats_of.append(pipe.stats())
+            except Exception:
+                logger.debug("pipe stats failed", exc_info=True)
+        if not stats_of:
             return
         yield _single(
             gauge,
             "studioserve_pipe_in_flight_items",
-            "Items inside the model pipe now.",
-            stats.in_flight,
+            "Items inside the model pipes now.",
+            sum(st.in_flight for st in stats_of),
         )
         depth = gauge(
             "studioserve_queue_depth", "Items waiting in a pipe stage's queue.", labels=["stage"]
@@ -247,11 +286,53 @@ class PrometheusMetrics:
             "A pipe stage's current batch bound (rows).",
             labels=["stage"],
         )
-        for s in stats.stages.values():
-            depth.add_metric([s.name], s.queue_depth)
-            limit.add_metric([s.name], s.batch_limit)
+        depths: dict[str, int] = {}
+        limits: dict[str, int] = {}
+        for st in stats_of:
+            for stage in st.stages.values():
+                depths[stage.name] = depths.get(stage.name, 0) + stage.queue_depth
+                limits[stage.name] = max(limits.get(stage.name, 0), stage.batch_limit)
+        for name in depths:
+            depth.add_metric([name], depths[name])
+            limit.add_metric([name], limits[name])
         yield depth
         yield limit
+
+    def _model_gauges(self, gauge: Any, counter: Any, entries: list[ServedModel]) -> Iterator[Any]:
+        """Per model: info, versions ready, load failures, load seconds."""
+        info = gauge(
+            "studioserve_model_info",
+            "The models being served (one sample per model: its newest served version).",
+            labels=["experiment", "kind", "source", "model_stage"],
+        )
+        ready = gauge(
+            "studioserve_version_ready",
+            "1 for every model version that serves requests.",
+            labels=["model", "version"],
+        )
+        load = gauge(
+            "studioserve_version_load_seconds",
+            "Seconds loading and warming each served model version took.",
+            labels=["model", "version"],
+        )
+        failures = counter(
+            "studioserve_model_load_failures",
+            "Loads and reloads of each model that failed (the old version kept serving).",
+            labels=["model"],
+        )
+        for entry in entries:
+            failures.add_metric([entry.name], entry.failures)
+            latest = entry.latest
+            if latest is not None:
+                m = latest.model
+                info.add_metric([entry.name, m.kind, m.source, m.model_stage or ""], 1)
+            for number, v in sorted(entry.versions.items()):
+                ready.add_metric([entry.name, str(number)], 1)
+                load.add_metric([entry.name, str(number)], v.model.load_seconds)
+        yield info
+        yield ready
+        yield load
+        yield failures
 
     def exposition(self) -> tuple[bytes, str]:
         return self.pc.generate_latest(self.registry), self.pc.CONTENT_TYPE_LATEST
@@ -259,3 +340,7 @@ class PrometheusMetrics:
 
 def _single(kind: Any, name: str, doc: str, value: float) -> Any:
     return kind(name, doc, value=value)
+
+
+def _ready(service: ModelService) -> list[Any]:
+    return [m for m in service.repository.models() if m.latest is not None]

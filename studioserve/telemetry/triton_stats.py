@@ -7,6 +7,11 @@ computed, ``execution_count`` model calls (batches). Models without a pipe count
 successful request as one execution whose compute time is the request's time.
 ``compute_input`` and ``compute_output`` are not measured separately (their time is 0; their
 counts follow ``compute_infer``, as perf_analyzer divides by them).
+
+One :class:`ModelStatistics` counts one version of one model (the repository's
+:class:`~studioserve.serving.repository.ServedVersion`); with replicas (``--instances``) it
+also counts executions per instance, reported in ``instance_stats`` (a field Triton does not
+have; tritonclient passes it through).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..pipelines import BatchEvent
-from ..wire.oip_codec import VERSION
 
 __all__ = ["ModelStatistics"]
 
@@ -43,8 +47,11 @@ class ModelStatistics:
     :param model_stage: the pipe stage that runs the model (None: the model has no pipe).
     """
 
-    def __init__(self, model_stage: str | None) -> None:
+    def __init__(self, model_stage: str | None, *, version: int = 1) -> None:
         self.model_stage = model_stage
+        self.version = version
+        #: instance index -> [executions, rows]
+        self.instances: dict[int, list[int]] = {}
         self._lock = threading.Lock()
         self.success = _Duration()
         self.fail = _Duration()
@@ -55,7 +62,7 @@ class ModelStatistics:
         self.last_inference_ms = 0
         self.batches: dict[int, _Duration] = {}
 
-    def on_request(self, route: str, status: int, seconds: float) -> None:
+    def on_request(self, route: str, status: int, seconds: float, model: Any = None) -> None:
         if status == 404:  # asked for another model: not this one's failure
             return
         with self._lock:
@@ -80,6 +87,9 @@ class ModelStatistics:
             self.inference_count += event.rows
             self.execution_count += 1
             self.batches.setdefault(event.rows, _Duration()).add(event.compute_seconds)
+            counts = self.instances.setdefault(getattr(event, "instance", 0), [0, 0])
+            counts[0] += 1
+            counts[1] += event.rows
 
     def json(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -87,7 +97,7 @@ class ModelStatistics:
             zero = {"count": infer["count"], "ns": 0}
             return {
                 "name": name,
-                "version": VERSION,
+                "version": str(self.version),
                 "last_inference": self.last_inference_ms,
                 "inference_count": self.inference_count,
                 "execution_count": self.execution_count,
@@ -111,4 +121,8 @@ class ModelStatistics:
                     for size, d in sorted(self.batches.items())
                 ],
                 "memory_usage": [],
+                "instance_stats": [
+                    {"instance": i, "execution_count": c[0], "inference_count": c[1]}
+                    for i, c in sorted(self.instances.items())
+                ],
             }

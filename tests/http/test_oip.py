@@ -654,12 +654,18 @@ def test_unknown_v2_routes_answer_in_the_oip_error_body(
     tiny: Any, client: triton.InferenceServerClient
 ) -> None:
     """tritonclient formats any /v2 error from ``{"error": "message"}``; unknown routes too."""
-    status, _, body = raw_post(tiny.url, b"{}", path="/v2/repository/index")
+    status, _, body = raw_post(tiny.url, b"{}", path="/v2/repository/nothing")
     assert status == 404
     assert json.loads(body) == {
-        "error": "no such route '/v2/repository/index' in the Open Inference Protocol"
+        "error": "no such route '/v2/repository/nothing' in the Open Inference Protocol"
     }
-    with pytest.raises(InferenceServerException, match="no such route"):
-        client.get_model_repository_index()
+    with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+        client.get_model_metadata("nope")
+    # the repository extension answers (a server built around one model has no model control)
+    assert client.get_model_repository_index() == [
+        {"name": "tiny", "version": "1", "state": "READY"}
+    ]
+    with pytest.raises(InferenceServerException, match="fixed"):
+        client.load_model("tiny")
     with urllib.request.urlopen(tiny.url + "/v2/models/tiny/stats") as resp:
         assert json.loads(resp.read())["model_stats"][0]["name"] == "tiny"

@@ -676,6 +676,7 @@ def test_public_names() -> None:
         "BatchSizeMismatch",
         "Batcher",
         "DeadlineExceeded",
+        "InstanceStats",
         "InvalidInput",
         "ItemFailed",
         "ItemFiltered",

@@ -242,7 +242,7 @@ class Recorder:
 def gated() -> Iterator[tuple[ModelService, threading.Event, threading.Event]]:
     pipe, gate, entered = gated_pipe(max_batch_size=4)
     model = PipeModel(pipe, source="gated")
-    service = ModelService(model, request_timeout=10)
+    service = ModelService(model, request_timeout=10, name="gated")
     model.start()
     service.ready = True
     yield service, gate, entered

@@ -64,7 +64,7 @@ def service() -> Iterator[ModelService]:
         inputs=[TensorSpec("x", (4,), "float32")],
         outputs=[TensorSpec("y", (3,), "float32")],
     )
-    service = ModelService(model, request_timeout=10)
+    service = ModelService(model, request_timeout=10, name="tiny")
     model.start()
     service.ready = True
     yield service

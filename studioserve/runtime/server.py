@@ -29,14 +29,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .config import ServeConfig, resolve_store_url
-from .http.app import create_app, drain_of
-from .http.servers import HttpServer, make_http_server, url_for
-from .http.state import AppState, ServerInfo, state_of
-from .models import Model, load_model
-from .serving.admission import default_max_in_flight
-from .serving.service import ModelService
-from .store import open_store
+from .. import _allocator
+from ..config import ServeConfig, resolve_store_url
+from ..http.app import create_app, drain_of
+from ..http.servers import HttpServer, make_http_server, url_for
+from ..http.state import AppState, ServerInfo, state_of
+from ..models import Model
+from ..serving.admission import default_max_in_flight
+from ..serving.repository import ModelRepository
+from ..serving.service import ModelService
+from ..store import Store, open_store
+from .catalog import ModelCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +84,35 @@ class ModelServer:
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._trimmer: _allocator.Trimmer | None = None
+        self._store: Store | None = None
+        self.catalog: ModelCatalog | None = None
+        self.repository = ModelRepository()
         self._closed = False
 
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> ModelServer:
-        """Fetch and load the model, warm it, start listening; returns once ready."""
+        """Fetch, load and warm every model, start listening; returns once ready."""
         cfg = self.config
         try:
-            model = self._model or self._load()
-            self.service = ModelService(model, request_timeout=cfg.request_timeout)
+            store = None
+            if self._model is None or len(cfg.keys) > 1 or cfg.all_models:
+                store = self._store = open_store(resolve_store_url(cfg.store))
+            catalog = self.catalog = ModelCatalog(cfg, store, self.repository, model=self._model)
+            catalog.load_all()
+            self.modeldir = catalog.modeldirs.get(cfg.key)
+            if store is not None:
+                self.repository.control = catalog
+            self.service = ModelService(self.repository, request_timeout=cfg.request_timeout)
             self.token = (cfg.token or secrets.token_urlsafe(32)) if cfg.auth_enabled else None
+            names = self.repository.names()
             self.app = create_app(
                 self.service,
                 token=self.token,
                 max_body=cfg.max_body,
                 info=ServerInfo(
-                    experiment=cfg.key,
+                    experiment=", ".join(names) if names else cfg.key,
                     store=resolve_store_url(cfg.store),
                     max_batch_size=cfg.max_batch_size,
                     max_delay_ms=cfg.max_delay_ms,
@@ -112,9 +127,16 @@ class ModelServer:
             self.http = make_http_server(
                 self.app, cfg.host, cfg.port, cfg.threads, self.http_server
             )
-            model.start()  # worker threads up before the first request
+            for entry in self.repository.models():  # worker threads up before the first request
+                for served in entry.versions.values():
+                    served.model.start()
+            _allocator.tune()
+            activity = self.service.activity
+            self._trimmer = _allocator.Trimmer(lambda: activity.accepted).start()
             self.http.start()
             self.service.ready = True
+            if cfg.watch is not None:
+                catalog.watch(cfg.watch)
             self._watcher = threading.Thread(
                 target=self._monitor, name="studioserve-monitor", daemon=True
             )
@@ -122,20 +144,8 @@ class ModelServer:
         except BaseException:
             self.close()
             raise
-        logger.info("serving %s at %s", cfg.key, self.url)
+        logger.info("serving %s at %s", ", ".join(self.repository.names()), self.url)
         return self
-
-    def _load(self) -> Model:
-        cfg = self.config
-        with open_store(resolve_store_url(cfg.store)) as store:
-            self.modeldir = store.fetch(cfg.key, refresh=cfg.refresh, quiet=cfg.quiet)
-        return load_model(
-            self.modeldir,
-            cfg.wrapper,
-            max_batch_size=cfg.max_batch_size,
-            max_delay=cfg.max_delay_ms / 1000.0,
-            queue_size=cfg.queue_size,
-        )
 
     # -- facts -------------------------------------------------------------------------------
 
@@ -229,14 +239,23 @@ class ModelServer:
                 grace_end = began + DRAIN_GRACE
                 while drain.quiet_seconds() < DRAIN_QUIET and time.monotonic() < grace_end:
                     time.sleep(0.01)
+        if self.catalog is not None:
+            self.catalog.close()
         if self.http is not None:
             self.http.stop()
         if self._watcher is not None:
             self._watcher.join(5.0)
+        if self._trimmer is not None:
+            self._trimmer.close()
         if service is not None:
             service.close()
-        elif self._model is not None:
-            self._model.close()
+        else:
+            self.repository.close()
+            if self._model is not None and self.catalog is None:
+                self._model.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
         logger.info("server stopped (%s)", self.stop_reason or "closed")
 
     def __enter__(self) -> ModelServer:
