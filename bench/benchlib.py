@@ -90,6 +90,31 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Per thread of process ``pid``: ``tid -> (its OS name, CPU seconds user + system)``,
+    from /proc/PID/task (Linux); empty when the process is gone or /proc is not available.
+
+    The OS name is the kernel's ``comm`` (at most 15 characters): what native threads set
+    (``tf_Compute``, ``tokio-rt-worker``); Python threads before 3.14 all show the process's
+    own name."""
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        tick = os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return out
+    for entry in tids:
+        try:
+            with open(f"/proc/{pid}/task/{entry}/stat", encoding="ascii", errors="replace") as f:
+                text = f.read()
+            name = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            out[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
