@@ -309,6 +309,19 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="A wrapper .py file or module with create_model(modeldir).",
 )
 @click.option(
+    "--framework",
+    default=None,
+    help="Load only this framework's model from modeldir when it holds several (keras, "
+    "savedmodel, torchscript, torch_export, onnx, sklearn, xgboost, lightgbm, closure, spark, "
+    "...; default: what modeldir holds).",
+)
+@click.option(
+    "--trust-artifact",
+    is_flag=True,
+    help="Load formats that run code when they load (pickle, joblib, cloudpickle closures, "
+    "pickled torch modules). Only for files you made or trust.",
+)
+@click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=_default("port"),

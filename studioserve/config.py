@@ -99,6 +99,11 @@ class ServeConfig:
         model's serving.toml, else 1).
     :param version_policy: every model's version policy (``latest``, ``latest:N``, ``all``,
         ``specific:1,3``; None: the model's serving.toml, else ``latest``).
+    :param framework: load only this framework's artifacts (``--framework``; None: the
+        model's serving.toml, else what the modeldir holds).
+    :param trust_artifact: allow artifacts that run code when they load (pickle, joblib,
+        cloudpickle closures, pickled torch modules; ``--trust-artifact``); serving.toml's
+        ``trust = true`` does the same for one model.
     :param explicit: the fields set on purpose (the CLI's options given), which override
         each model's serving.toml; None: the fields that differ from their defaults.
     :param store: the store URL (None: the default store).
@@ -132,6 +137,8 @@ class ServeConfig:
     watch: float | None = None
     instances: int | None = None
     version_policy: str | None = None
+    framework: str | None = None
+    trust_artifact: bool = False
     explicit: frozenset[str] | None = None
     store: str | None = None
     wrapper: str | None = None

@@ -43,6 +43,7 @@ __all__ = [
     "EnsemblePlan",
     "EnsembleStep",
     "ModelConfig",
+    "TensorEntry",
     "parse_version_policy",
     "validate_ensemble",
 ]
@@ -57,7 +58,18 @@ BATCHING_KEYS = (
     "adaptive",
     "latency_objective_ms",
 )
-_TOP_KEYS = (*BATCHING_KEYS, "version_policy", "instances", "trust", "ensemble", "batching")
+_TOP_KEYS = (
+    *BATCHING_KEYS,
+    "version_policy",
+    "instances",
+    "trust",
+    "framework",
+    "input",
+    "output",
+    "ensemble",
+    "batching",
+)
+_TENSOR_KEYS = ("name", "dtype", "shape")
 _ENSEMBLE_KEYS = ("step",)
 _STEP_KEYS = ("model", "version", "input_map", "output_map")
 _POLICY_FIX = 'write "latest", "latest:N", "all" or "specific:V1,V2" (versions are integers >= 1)'
@@ -193,13 +205,22 @@ class ModelConfig:
     instances: int | None = None
     trust: bool | None = None
     ensemble: tuple[EnsembleStep, ...] | None = None
+    framework: str | None = None
+    inputs: tuple[TensorEntry, ...] | None = None
+    outputs: tuple[TensorEntry, ...] | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is None:
                 continue
-            if field.name == "ensemble":
+            if field.name in ("inputs", "outputs"):
+                value = tuple(value)
+                if not value or not all(isinstance(t, TensorEntry) for t in value):
+                    raise ConfigError(
+                        f"ModelConfig.{field.name} must be a non-empty tuple of TensorEntry"
+                    )
+            elif field.name == "ensemble":
                 value = tuple(value)
                 if not value or not all(isinstance(s, EnsembleStep) for s in value):
                     raise ConfigError(
@@ -256,13 +277,16 @@ class ModelConfig:
                     )
             values.update({name: (batching[name], f"batching.{name}") for name in batching})
         for name, value in doc.items():
-            if name not in ("batching", "ensemble"):
+            if name not in ("batching", "ensemble", "input", "output"):
                 values[name] = (value, name)
         fields: dict[str, Any] = {
             name: _FIELD_CHECKS[name](value, key, source) for name, (value, key) in values.items()
         }
         if "ensemble" in doc:
             fields["ensemble"] = _parse_ensemble(doc["ensemble"], source)
+        for key, field_name in (("input", "inputs"), ("output", "outputs")):
+            if key in doc:
+                fields[field_name] = _parse_tensors(doc[key], key, source)
         _check_batch_sizes(
             fields.get("max_batch_size"), fields.get("preferred_batch_sizes"), source
         )
@@ -300,8 +324,8 @@ class ModelConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "ensemble" and value is not None:
-                value = [step.to_json() for step in value]
+            if f.name in ("ensemble", "inputs", "outputs") and value is not None:
+                value = [item.to_json() for item in value]
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -630,7 +654,63 @@ _FIELD_CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "version_policy": _policy,
     "instances": _positive_int,
     "trust": _boolean,
+    "framework": lambda v, k, s: _check_name(v, k, s, 'framework = "onnx"'),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One input or output of a model's signature as serving.toml gives it.
+
+    :param name: the tensor's name.
+    :param dtype: a numpy dtype name (``"float32"``).
+    :param shape: one example's shape; None (``-1`` in the file) for a dimension of any size.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _parse_tensors(value: Any, key: str, source: str) -> tuple[TensorEntry, ...]:
+    """``[[input]]`` / ``[[output]]`` tables: name, dtype, shape (``-1`` for any size)."""
+    example = f'[[{key}]] tables with name = "x", dtype = "float32", shape = [4]'
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} in {source} must be one or more {example}")
+    out = []
+    for i, table in enumerate(value):
+        at = f"{key}[{i}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{at} in {source} must be a table; write {example}")
+        _check_keys(table, _TENSOR_KEYS, at, source)
+        for needed in ("name", "dtype", "shape"):
+            if needed not in table:
+                raise ConfigError(f"{at} in {source} has no {needed}; write {example}")
+        name = table["name"]
+        dtype = table["dtype"]
+        shape = table["shape"]
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{at}.name in {source} must be a non-empty string")
+        if not isinstance(dtype, str) or not re.fullmatch(r"[a-z]+[0-9]*", dtype):
+            raise ConfigError(
+                f'{at}.dtype in {source} must be a numpy dtype name such as "float32", '
+                f"not {_show(dtype)}"
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1) for d in shape
+        ):
+            raise ConfigError(
+                f"{at}.shape in {source} must be a list of sizes >= 1 (-1 for any size) of "
+                f"one example, without the batch axis; not {_show(shape)}"
+            )
+        out.append(TensorEntry(name, dtype, tuple(None if d == -1 else d for d in shape)))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key} in {source} names a tensor twice: {', '.join(names)}")
+    return tuple(out)
 
 
 def _check_keys(table: Mapping[str, Any], known: Sequence[str], prefix: str, source: str) -> None:

@@ -65,7 +65,7 @@ def model_metadata(entry: ServedModel, served: ServedVersion) -> dict[str, Any]:
     return {
         "name": entry.name,
         "versions": [str(v) for v in sorted(entry.versions)],
-        "platform": "ensemble" if entry.steps else f"studioserve_{model.kind}",
+        "platform": "ensemble" if entry.steps else model.platform,
         "inputs": _tensor_meta(model, model.inputs),
         "outputs": _tensor_meta(model, model.outputs),
     }
@@ -104,7 +104,7 @@ def model_config(entry: ServedModel, served: ServedVersion) -> dict[str, Any]:
             delay_ms = stats.max_delay * 1000
     cfg: dict[str, Any] = {
         "name": name,
-        "platform": "",
+        "platform": model.platform,
         "backend": "studioserve",
         "version_policy": _version_policy(entry),
         "max_batch_size": _max_batch_size(model),

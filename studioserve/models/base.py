@@ -82,6 +82,11 @@ class Model(abc.ABC):
         return None
 
     @property
+    def platform(self) -> str:
+        """The platform name in OIP metadata and configuration (Triton's where it has one)."""
+        return f"studioserve_{self.kind}"
+
+    @property
     def batches(self) -> bool:
         """Whether items of concurrent requests are computed together (there is a pipe)."""
         return self.pipe is not None

@@ -35,7 +35,9 @@ from ..pipelines.keras_stage import (
     device_scope,
     keras_signature,
 )
+from .artifacts import Artifact
 from .base import PipeModel
+from .batched import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -324,3 +326,16 @@ def _call(runner: KerasRunner) -> Callable[[Any], Any]:
         return runner(tuple(batch[n] for n in names))
 
     return call
+
+
+def load(artifact: Artifact, options: LoadOptions) -> KerasModel:
+    """The detection table's loader for a Keras checkpoint file."""
+    return KerasModel(
+        load_keras(artifact.path),
+        source=str(artifact.path),
+        max_batch_size=options.max_batch_size,
+        max_delay=options.max_delay,
+        queue_size=options.queue_size,
+        instances=options.instances,
+        devices=options.devices,
+    )

@@ -4,10 +4,12 @@ The implementation is picked here, once:
 
 - ``--wrapper FILE.py`` or ``--wrapper package.module``: what its ``create_model(modeldir)``
   returns (:mod:`studioserve.models.wrapper`).
-- No wrapper: the newest checkpoint by modification time among ``*.keras``, ``*.h5``,
-  ``*.hdf5`` (:class:`~.keras.KerasModel`) and TF SavedModel folders holding
-  ``saved_model.pb`` (:class:`~.savedmodel.SavedModel`).
-- No checkpoint: the identity model, with a warning (Studio.ML's behaviour).
+- No wrapper: the newest artifact by modification time that the detection table of
+  :mod:`~.artifacts` recognizes (Keras, SavedModel, TorchScript, ``torch.export``, ONNX,
+  skops, XGBoost, LightGBM, a closure, a PySpark PipelineModel, a trusted pickle), loaded by
+  its framework's module (``load(artifact, options)``), imported only then; formats that run
+  code when they load are refused unless ``trust``.
+- No artifact: the identity model, with a warning (Studio.ML's behaviour).
 
 ``checkpoint=`` loads one given checkpoint instead of the newest: a model's versions are its
 checkpoints (:mod:`studioserve.models.versions`), and loading one version loads exactly that one.
@@ -15,17 +17,19 @@ checkpoints (:mod:`studioserve.models.versions`), and loading one version loads 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from ..tensors import TensorSpec
+from .artifacts import Artifact, artifact_at, choose, scan
 from .base import Model
+from .batched import LoadOptions
 from .identity import IdentityModel
-from .keras import KerasModel, load_keras
-from .savedmodel import SavedModel
 from .wrapper import load_wrapper
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ __all__ = [
     "SAVED_MODEL_FILE",
     "find_checkpoint",
     "list_checkpoints",
+    "load_artifact",
     "load_model",
 ]
 
@@ -42,31 +47,24 @@ CHECKPOINT_SUFFIXES = (".keras", ".h5", ".hdf5")
 SAVED_MODEL_FILE = "saved_model.pb"
 
 
-def list_checkpoints(modeldir: Path) -> list[tuple[float, Path]]:
-    """Every checkpoint under ``modeldir`` with its modification time, oldest first.
+def list_checkpoints(modeldir: Path, *, framework: str | None = None) -> list[tuple[float, Path]]:
+    """Every model artifact under ``modeldir`` with its modification time, oldest first.
 
-    Candidates: ``*.keras``, ``*.h5``, ``*.hdf5`` files and folders holding ``saved_model.pb``
-    (a SavedModel's time is its ``saved_model.pb``'s); symlinks are skipped. Equal times are
-    ordered by path.
+    What counts is the detection table of :mod:`studioserve.models.artifacts` (Keras files,
+    SavedModel folders, TorchScript, ``.onnx``, ``.skops``, ...); symlinks are skipped and
+    equal times are ordered by path.
+
+    :param framework: keep only that framework's artifacts (``--framework``).
+    :raises ModelLoadError: when the modeldir holds two frameworks' models and no
+        ``framework`` picks one.
     """
-    candidates: list[tuple[float, str, Path]] = []
-    for path in Path(modeldir).rglob("*"):
-        if path.is_symlink():
-            continue
-        if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-            candidates.append((path.stat().st_mtime, str(path), path))
-        elif path.is_file() and path.name == SAVED_MODEL_FILE:
-            candidates.append((path.stat().st_mtime, str(path.parent), path.parent))
-    candidates.sort()
-    return [(mtime, path) for mtime, _, path in candidates]
+    chosen = choose(scan(modeldir), framework=framework, where=modeldir)
+    return [(a.mtime, a.path) for a in chosen]
 
 
-def find_checkpoint(modeldir: Path) -> Path | None:
-    """The newest checkpoint under ``modeldir`` by modification time, or None.
-
-    Candidates: ``*.keras``, ``*.h5``, ``*.hdf5`` files and folders holding ``saved_model.pb``.
-    """
-    checkpoints = list_checkpoints(modeldir)
+def find_checkpoint(modeldir: Path, *, framework: str | None = None) -> Path | None:
+    """The newest model artifact under ``modeldir`` by modification time, or None."""
+    checkpoints = list_checkpoints(modeldir, framework=framework)
     return checkpoints[-1][1] if checkpoints else None
 
 
@@ -81,6 +79,10 @@ def load_model(
     instances: int = 1,
     devices: Sequence[str] | None = None,
     models: Any = None,
+    framework: str | None = None,
+    trust: bool = False,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
 ) -> Model:
     """Load and warm the model for ``modeldir``.
 
@@ -89,13 +91,18 @@ def load_model(
     :param max_batch_size: the batch bound for the model stage of checkpoints.
     :param max_delay: seconds a batch waits for more items after its first.
     :param queue_size: the pipe's input queue bound.
-    :param checkpoint: load this checkpoint (a ``.keras``/``.h5``/``.hdf5`` file or a SavedModel
-        folder) instead of the newest in ``modeldir``; not with ``wrapper``.
+    :param checkpoint: load this artifact (a file or folder of the detection table) instead of
+        the newest in ``modeldir``; not with ``wrapper``.
     :param instances: copies of a checkpoint's batched stage fed by one queue (Triton's
         instance groups); a wrapper's ``create_model`` builds its own pipe, so it ignores this.
     :param devices: the device of each instance (None: the visible GPUs round-robin, else CPU).
     :param models: the other served models, for a wrapper's ``create_model(modeldir, models)``.
-    :raises ModelLoadError: for an unreadable or missing checkpoint or a broken wrapper.
+    :param framework: load only this framework's artifacts (``--framework``).
+    :param trust: allow artifacts that run code when they load (``--trust-artifact``).
+    :param inputs: the input signature, for formats that do not carry one (serving.toml).
+    :param outputs: the output signature, likewise.
+    :raises ModelLoadError: for an unreadable, ambiguous, untrusted or missing artifact, a
+        framework that is not installed (naming the extra), or a broken wrapper.
     :raises ValueError: for both ``wrapper`` and ``checkpoint``.
     """
     start = time.monotonic()
@@ -124,33 +131,68 @@ def load_model(
             models=models,
         )
     else:
-        checkpoint = find_checkpoint(modeldir) if checkpoint is None else Path(checkpoint)
         if checkpoint is None:
+            chosen = choose(scan(modeldir), framework=framework, where=modeldir)
+            artifact = chosen[-1] if chosen else None
+        else:
+            artifact = artifact_at(Path(checkpoint))
+            if artifact is None:
+                raise ModelLoadError(
+                    f"{checkpoint} is not a model artifact studioserve knows (see the README's "
+                    "framework table)"
+                )
+        if artifact is None:
             logger.warning(
-                "no checkpoint (*.keras, *.h5, *.hdf5 or a SavedModel folder) in %s; "
+                "no model artifact (a checkpoint of the README's framework table) in %s; "
                 "serving the identity model (each value is returned as sent)",
                 modeldir,
             )
             model = IdentityModel(source=str(modeldir))
-        elif checkpoint.is_dir():
-            model = SavedModel(
-                checkpoint,
-                max_batch_size=max_batch_size,
-                max_delay=max_delay,
-                queue_size=queue_size,
-                instances=instances,
-                devices=devices,
-            )
         else:
-            model = KerasModel(
-                load_keras(checkpoint),
-                source=str(checkpoint),
-                max_batch_size=max_batch_size,
-                max_delay=max_delay,
-                queue_size=queue_size,
-                instances=instances,
-                devices=devices,
+            model = load_artifact(
+                artifact,
+                LoadOptions(
+                    max_batch_size=max_batch_size,
+                    max_delay=max_delay,
+                    queue_size=queue_size,
+                    instances=instances,
+                    devices=tuple(devices) if devices is not None else None,
+                    trust=trust,
+                    inputs=tuple(inputs) if inputs is not None else None,
+                    outputs=tuple(outputs) if outputs is not None else None,
+                ),
             )
     model.load_seconds = time.monotonic() - start
     logger.info("loaded %s in %.2fs", model.describe(), model.load_seconds)
     return model
+
+
+def load_artifact(artifact: Artifact, options: LoadOptions) -> Model:
+    """Load one artifact with its framework's runtime (imported now, not before).
+
+    :raises ModelLoadError: for a format that runs code without ``options.trust`` (naming the
+        opt-in), a framework that is not installed (naming the extra), or a broken file.
+    """
+    fw = artifact.framework
+    if fw.runs_code and not options.trust:
+        raise ModelLoadError(
+            f"{artifact.path} is a {_RUNS_CODE.get(fw.name, fw.name)}: loading it runs code "
+            "from the file, so it is refused by default. If you made this file or trust who "
+            "did, pass --trust-artifact (or set trust = true in the experiment's serving.toml)"
+            + (
+                "; better, save it in a format that runs no code (skops, ONNX)"
+                if fw.name == "pickle"
+                else ""
+            )
+        )
+    module = importlib.import_module(f"{__package__}.{fw.module}")
+    load: Callable[[Artifact, LoadOptions], Model] = module.load
+    model = load(artifact, options)
+    return model
+
+
+_RUNS_CODE = {
+    "torch_pickle": "pickled PyTorch file (torch.save of a module or a state_dict)",
+    "closure": "cloudpickled closure (Clipper's python closure format)",
+    "pickle": "pickle or joblib file",
+}

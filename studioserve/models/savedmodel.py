@@ -17,7 +17,9 @@ from ..errors import ModelLoadError
 from ..pipelines import ModelPipe
 from ..pipelines.keras_stage import device_scope
 from ..tensors import TensorSpec, dtype_name, zeros_for
+from .artifacts import Artifact
 from .base import PipeModel
+from .batched import LoadOptions
 from .keras import instance_devices, quiet_tensorflow
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,10 @@ class SavedModel(PipeModel):
 
     kind: ClassVar[str] = "savedmodel"
 
+    @property
+    def platform(self) -> str:
+        return "tensorflow_savedmodel"
+
     def __init__(
         self,
         path: Path,
@@ -129,3 +135,15 @@ class SavedModel(PipeModel):
         super().__init__(pipe, source=str(path), inputs=first.inputs, outputs=first.outputs)
         if len(fns) > 1:
             logger.info("%s: %d instances on %s", path, len(fns), ", ".join(labels))
+
+
+def load(artifact: Artifact, options: LoadOptions) -> SavedModel:
+    """The detection table's loader for a SavedModel folder."""
+    return SavedModel(
+        artifact.path,
+        max_batch_size=options.max_batch_size,
+        max_delay=options.max_delay,
+        queue_size=options.queue_size,
+        instances=options.instances,
+        devices=options.devices,
+    )

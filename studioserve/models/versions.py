@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, ModelLoadError
 from ..model_config import parse_version_policy
+from ..tensors import TensorSpec
+from .artifacts import scan
 from .base import Model
 from .loader import list_checkpoints, load_model
 
@@ -70,7 +72,9 @@ class ModelVersionSource:
         return f"version {self.version} ({self.kind} {self.path})"
 
 
-def list_versions(modeldir: Path, *, wrapped: bool = False) -> list[ModelVersionSource]:
+def list_versions(
+    modeldir: Path, *, wrapped: bool = False, framework: str | None = None
+) -> list[ModelVersionSource]:
     """The versions of the model in ``modeldir``, sorted by version (see the module's rules).
 
     Always at least one: a modeldir with no checkpoint and no numbered folder (or one that
@@ -78,7 +82,9 @@ def list_versions(modeldir: Path, *, wrapped: bool = False) -> list[ModelVersion
 
     :param wrapped: a wrapper serves the model, so checkpoints in a flat modeldir are not
         versions (the wrapper's ``create_model`` gets the modeldir); numbered folders still are.
-    :raises ModelLoadError: when ``modeldir`` exists and is not a folder.
+    :param framework: only that framework's artifacts are versions (``--framework``).
+    :raises ModelLoadError: when ``modeldir`` exists and is not a folder, or holds two
+        frameworks' models and no ``framework`` picks one.
     """
     modeldir = Path(modeldir)
     if modeldir.exists() and not modeldir.is_dir():
@@ -95,7 +101,7 @@ def list_versions(modeldir: Path, *, wrapped: bool = False) -> list[ModelVersion
             )
             for number, folder in folders
         ]
-    checkpoints = [] if wrapped else list_checkpoints(modeldir)
+    checkpoints = [] if wrapped else list_checkpoints(modeldir, framework=framework)
     if checkpoints:
         return [
             ModelVersionSource(
@@ -128,6 +134,10 @@ def load_version(
     instances: int = 1,
     devices: Sequence[str] | None = None,
     models: Any = None,
+    framework: str | None = None,
+    trust: bool = False,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
 ) -> Model:
     """Load and warm one version, as :func:`~.loader.load_model` does a modeldir.
 
@@ -164,10 +174,10 @@ def load_version(
                 f"version folder {source.path} does not exist (removed since it was listed?); "
                 "check the modeldir and load again"
             )
-        if not list_checkpoints(source.path):
+        if not list_checkpoints(source.path, framework=framework):
             raise ModelLoadError(
-                f"version folder {source.path} holds no checkpoint (*.keras, *.h5, *.hdf5 or "
-                "a SavedModel folder); write one into it, or remove the empty folder"
+                f"version folder {source.path} holds no model artifact (see the README's "
+                "framework table); write one into it, or remove the empty folder"
             )
     model = load_model(
         modeldir,
@@ -179,6 +189,10 @@ def load_version(
         instances=instances,
         devices=devices,
         models=models,
+        framework=framework,
+        trust=trust,
+        inputs=inputs,
+        outputs=outputs,
     )
     logger.info("model version %d is %s", source.version, model.describe())
     return model
@@ -358,7 +372,7 @@ def _version_folders(modeldir: Path) -> list[tuple[int, Path]]:
     if folders:
         others = [
             path
-            for _, path in list_checkpoints(modeldir)
+            for path in (a.path for a in scan(modeldir))
             if not any(path.is_relative_to(folder) for _, folder in folders)
         ]
         if others:

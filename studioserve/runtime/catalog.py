@@ -36,20 +36,21 @@ from typing import Any
 
 from ..config import ServeConfig
 from ..errors import ConfigError, ModelNotFound, StudioServeError
-from ..model_config import ModelConfig, validate_ensemble
+from ..model_config import ModelConfig, TensorEntry, validate_ensemble
 from ..models import Model
 from ..models.versions import ModelVersionSource, VersionPolicy, list_versions, load_version
 from ..serving.ensemble import EnsembleModel
 from ..serving.handles import ServedModels
 from ..serving.repository import LOADING, ModelRepository, ServedVersion
 from ..store import Store
+from ..tensors import TensorSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelCatalog"]
 
 #: ServeConfig fields that are also serving.toml settings (the file's, unless given)
-_OVERRIDABLE = ("max_batch_size", "max_delay_ms", "version_policy", "instances")
+_OVERRIDABLE = ("max_batch_size", "max_delay_ms", "version_policy", "instances", "framework")
 
 
 @dataclass
@@ -233,7 +234,9 @@ class ModelCatalog:
         known: _Loaded | None,
     ) -> None:
         cfg = self.config
-        sources = list_versions(modeldir, wrapped=cfg.wrapper is not None)
+        sources = list_versions(
+            modeldir, wrapped=cfg.wrapper is not None, framework=settings.framework
+        )
         pinned = self._pins.get(name)
         policy = (
             VersionPolicy.specific(pinned)
@@ -303,6 +306,10 @@ class ModelCatalog:
             queue_size=cfg.queue_size,
             instances=instances,
             models=self.handles,
+            framework=settings.framework,
+            trust=cfg.trust_artifact or bool(settings.trust),
+            inputs=_specs(settings.inputs),
+            outputs=_specs(settings.outputs),
         )
 
     def _build_ensemble(self, name: str, *, startup: bool, raise_errors: bool = False) -> None:
@@ -408,6 +415,13 @@ class ModelCatalog:
         if self._thread is not None:
             self._thread.join(30.0)
             self._thread = None
+
+
+def _specs(entries: tuple[TensorEntry, ...] | None) -> list[TensorSpec] | None:
+    """serving.toml's signature entries as the models' TensorSpecs."""
+    if entries is None:
+        return None
+    return [TensorSpec(e.name, e.shape, e.dtype) for e in entries]
 
 
 def _settings_json(settings: ModelConfig, policy: VersionPolicy) -> dict[str, Any]:
