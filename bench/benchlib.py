@@ -301,6 +301,32 @@ def scrape_metrics(url: str, names: Iterable[str]) -> dict[str, float]:
     return out
 
 
+def scrape_labelled(url: str, names: Iterable[str]) -> dict[str, dict[tuple[str, ...], float]]:
+    """GET ``url`` (Prometheus text): each named sample's value by its label values, in the
+    order the server wrote them (``{"m_total": {("mlp", "0"): 12.0}}``; no labels: ``()``).
+
+    Returns an empty dict when the server has no metrics endpoint.
+    """
+    wanted = set(names)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError):
+        return {}
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)", line)
+        if m and m.group(1) in wanted:
+            labels = tuple(re.findall(r'="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            try:
+                out.setdefault(m.group(1), {})[labels] = float(m.group(3))
+            except ValueError:
+                continue
+    return out
+
+
 def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
     """Poll GET ``url`` until it answers 200."""
     deadline = time.monotonic() + timeout

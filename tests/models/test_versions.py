@@ -210,7 +210,7 @@ def test_load_version_refuses_what_it_cannot_serve(
     modeldir = tmp_path / "modeldir"
     (modeldir / "1").mkdir(parents=True)
     (folder,) = list_versions(modeldir)
-    with pytest.raises(ModelLoadError, match=r"version folder .*1 holds no checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"version folder .*1 holds no model artifact"):
         load_version(folder)
     (modeldir / "1").rmdir()
     with pytest.raises(ModelLoadError, match="does not exist"):

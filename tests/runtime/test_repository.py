@@ -509,7 +509,9 @@ def test_instances_run_copies_of_the_model_stage_and_count_per_instance(
     assert model.instances == 2
     x = np.random.default_rng(5).normal(size=(1, 4)).astype(np.float32)
     want = ckpt.predict("a1", x)
-    with ThreadPoolExecutor(8) as pool:
+    # 4 clients: two rounds of the two instances' batches of one row (admission lets in no
+    # more before the first batch is measured)
+    with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: _post(server.url, {"k": x}, "/models/rep"), range(40)))
     for status, out in results:
         assert status == 200
