@@ -10,6 +10,8 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# PyTorch's CPU build first (the default wheel pulls several GB of CUDA libraries)
+	$(BIN)/python -m pip install -q 'torch==2.13.0+cpu' || $(BIN)/python -m pip install -q torch
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

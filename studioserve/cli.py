@@ -544,7 +544,11 @@ def experiments() -> None:
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @store_option
 @click.option("--description", default="", help="A note kept in experiment.json.")
-@click.option("--framework", default="", help="e.g. keras (kept in experiment.json).")
+@click.option(
+    "--framework",
+    default="",
+    help="e.g. keras (kept in experiment.json; default: detected from DIRECTORY's files).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing experiment with this key.")
 @click.option(
     "--serving-config",
@@ -569,6 +573,8 @@ def experiments_add(
         from .model_config import ModelConfig
 
         ModelConfig.from_toml(serving_config.read_bytes(), source=str(serving_config))
+    if not framework:
+        framework = _detect_framework(directory)
     with _store(store) as s:
         s.add(
             key,
@@ -580,6 +586,19 @@ def experiments_add(
             serving_config=serving_config,
         )
     click.echo(f"added {key} to {s.url}")
+
+
+def _detect_framework(directory: Path) -> str:
+    """The framework of the newest model artifact in ``directory`` ("" for none or several)."""
+    from .errors import ModelLoadError
+    from .models.artifacts import choose, scan
+
+    try:
+        found = choose(scan(directory), where=directory)
+    except ModelLoadError as e:
+        click.echo(f"warning: {e}", err=True)
+        return ""
+    return found[-1].framework.name if found else ""
 
 
 @experiments.command("list")
@@ -635,20 +654,44 @@ def experiments_rm(key: str, store: str | None) -> None:
     "--killafter", type=click.FloatRange(min=0), default=_default("killafter"), show_default=True
 )
 @click.option("--no-serve", is_flag=True, help="Only add the demo experiment; do not serve it.")
+@click.option(
+    "--framework",
+    type=click.Choice(
+        ["keras", "torch", "onnx", "sklearn", "xgboost", "lightgbm", "closure", "spark"]
+    ),
+    default="keras",
+    show_default=True,
+    help="The framework of the demo model (each needs its extra, e.g. studioserve[torch]).",
+)
 @click.option("--verbose", "-v", is_flag=True)
 def demo(
-    key: str, store: str | None, port: int, killafter: float, no_serve: bool, verbose: bool
+    key: str,
+    store: str | None,
+    port: int,
+    killafter: float,
+    no_serve: bool,
+    framework: str,
+    verbose: bool,
 ) -> None:
-    """Build a small Keras model, add it to the store, and serve it."""
+    """Build a small model (Keras, or --framework's), add it to the store, and serve it."""
     configure_logging(verbose)
     from .demo import add_demo_experiment, client_snippet
     from .runtime import serve as run_server
 
-    info = add_demo_experiment(key, store)
-    click.echo(f"added demo experiment {info.key!r} to {resolve_store_url(store)}")
+    info = add_demo_experiment(key, store, framework=framework)
+    click.echo(
+        f"added demo experiment {info.key!r} ({info.framework}) to {resolve_store_url(store)}"
+    )
     if no_serve:
         return
-    config = ServeConfig(key=key, store=store, port=port, killafter=killafter)
+    # the demo's closure is the file it just wrote: trusting it is trusting this command
+    config = ServeConfig(
+        key=key,
+        store=store,
+        port=port,
+        killafter=killafter,
+        trust_artifact=framework == "closure",
+    )
 
     def ready(server: ModelServer) -> None:
         _print_ready(server)

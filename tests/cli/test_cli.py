@@ -49,8 +49,10 @@ def test_help_is_fast_and_lists_commands() -> None:
         [
             sys.executable,
             "-c",
-            "import sys, studioserve.cli; "
-            "print(any(m in sys.modules for m in ('keras', 'tensorflow', 'numpy', 'flask')))",
+            "import sys, studioserve, studioserve.cli; "
+            "print(any(m in sys.modules for m in ('keras', 'tensorflow', 'numpy', 'flask', "
+            "'torch', 'onnxruntime', 'onnx', 'sklearn', 'skops', 'xgboost', 'lightgbm', "
+            "'pyspark', 'cloudpickle', 'joblib')))",
         ],
         capture_output=True,
         text=True,
