@@ -175,6 +175,9 @@ def load_artifact(artifact: Artifact, options: LoadOptions) -> Model:
     """
     fw = artifact.framework
     if fw.runs_code and not options.trust:
+        refusal = _framework_refusal(artifact)
+        if refusal is not None:
+            raise refusal
         raise ModelLoadError(
             f"{artifact.path} is a {_RUNS_CODE.get(fw.name, fw.name)}: loading it runs code "
             "from the file, so it is refused by default. If you made this file or trust who "
@@ -189,6 +192,23 @@ def load_artifact(artifact: Artifact, options: LoadOptions) -> Model:
     load: Callable[[Artifact, LoadOptions], Model] = module.load
     model = load(artifact, options)
     return model
+
+
+def _framework_refusal(artifact: Artifact) -> ModelLoadError | None:
+    """The framework module's own refusal of an untrusted artifact, if it has one: its optional
+    ``refuse_untrusted(artifact)`` may tell apart, without running code from the file, one
+    that no opt-in would serve (a PyTorch state_dict) and say what to do instead."""
+    name = f"{__package__}.{artifact.framework.module}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
+    hook: Callable[[Artifact], ModelLoadError | None] | None = getattr(
+        module, "refuse_untrusted", None
+    )
+    return hook(artifact) if hook is not None else None
 
 
 _RUNS_CODE = {

@@ -85,6 +85,17 @@ def model_from_object(
             max_delay=max_delay,
             queue_size=queue_size,
         )
+    if _is_torch_module(obj):  # a module built in code (e.g. after load_state_dict)
+        from .batched import LoadOptions
+        from .torch import serve_module
+
+        return serve_module(
+            obj,
+            source=source,
+            options=LoadOptions(
+                max_batch_size=max_batch_size, max_delay=max_delay, queue_size=queue_size
+            ),
+        )
     if callable(obj):
         return CallableModel(obj, source=source)
     raise ModelLoadError(
@@ -143,3 +154,9 @@ def _takes_models(create: Any) -> bool:
         return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _is_torch_module(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.nn.Module`` (checked without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)

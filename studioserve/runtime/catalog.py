@@ -38,6 +38,8 @@ from ..config import ServeConfig
 from ..errors import ConfigError, ModelNotFound, StudioServeError
 from ..model_config import ModelConfig, TensorEntry, validate_ensemble
 from ..models import Model
+from ..models.batched import example_batch
+from ..models.devices import visible_gpu_count
 from ..models.versions import ModelVersionSource, VersionPolicy, list_versions, load_version
 from ..serving.ensemble import EnsembleModel
 from ..serving.handles import ServedModels
@@ -132,6 +134,8 @@ class ModelCatalog:
             )
         ensembles: list[str] = []
         for key in keys:
+            if self._stop.is_set():
+                return
             if self._load(key, startup=True) == "ensemble":
                 ensembles.append(key)
         for key in ensembles:
@@ -266,6 +270,7 @@ class ModelCatalog:
             raise
         for model in fresh:
             model.start()  # worker threads up before the switch
+            _prime(model)
         self.repository.publish(
             name,
             versions,
@@ -292,9 +297,7 @@ class ModelCatalog:
             # a checkpoint on a machine with several GPUs: one instance per GPU by default
             instances = 1
             if cfg.wrapper is None and source.kind != "modeldir":
-                from ..models.keras import visible_gpus
-
-                instances = max(1, len(visible_gpus()))
+                instances = max(1, visible_gpu_count())
         return load_version(
             source,
             cfg.wrapper,
@@ -410,11 +413,33 @@ class ModelCatalog:
         self._thread = threading.Thread(target=run, name="studioserve-watch", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Load nothing more (a stop was requested; thread- and signal-safe)."""
+        self._stop.set()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30.0)
             self._thread = None
+
+
+def _prime(model: Model, calls: int = 3) -> None:
+    """Run a few one-example requests through a new version's own pipe before it serves.
+
+    The warm-up of the loader calls the model directly; this goes through the batching stage,
+    so the stage has measured its batch time when the first request arrives. Admission control
+    reads that time: a version swapped in under load would otherwise look unmeasured and
+    be capped (503s in the seconds after a hot reload).
+    """
+    if model.pipe is None or not model.inputs:
+        return
+    example = example_batch(model.inputs, rows=1)
+    try:
+        for _ in range(calls):
+            model.predict({"prime": example}, timeout=30.0)
+    except Exception as e:  # the model serves anyway; its first batches will measure it
+        logger.debug("priming %s failed: %s", model.source, e)
 
 
 def _specs(entries: tuple[TensorEntry, ...] | None) -> list[TensorSpec] | None:

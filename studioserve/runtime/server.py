@@ -101,6 +101,9 @@ class ModelServer:
                 store = self._store = open_store(resolve_store_url(cfg.store))
             catalog = self.catalog = ModelCatalog(cfg, store, self.repository, model=self._model)
             catalog.load_all()
+            if self._stop.is_set():  # SIGTERM or Ctrl-C while loading: never start serving
+                logger.info("stop requested while loading (%s); not serving", self.stop_reason)
+                return self
             self.modeldir = catalog.modeldirs.get(cfg.key)
             if store is not None:
                 self.repository.control = catalog
@@ -198,6 +201,8 @@ class ModelServer:
         if self.stop_reason is None:
             self.stop_reason = reason
         self._stop.set()
+        if self.catalog is not None:
+            self.catalog.request_stop()  # models not loaded yet are not loaded
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a stop is requested; True if it was."""
@@ -303,7 +308,7 @@ def serve(
     with _signals_stop(server):
         server.start()
         try:
-            if on_ready is not None:
+            if on_ready is not None and server.http is not None:
                 on_ready(server)
             server.wait()
         finally:

@@ -146,6 +146,7 @@ def without_module(tmp: Path, *modules: str) -> dict[str, str]:
     for module in modules:
         pkg = stubs / module
         pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / "__init__.py").write_text(f"raise ImportError('No module named {module!r}')\n")
+        message = f"No module named {module!r}"
+        (pkg / "__init__.py").write_text(f"raise ImportError({message!r})\n")
     path = os.pathsep.join(p for p in [str(stubs), os.environ.get("PYTHONPATH", "")] if p)
     return {"PYTHONPATH": path}
