@@ -380,7 +380,7 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     type=click.IntRange(min=1),
     default=_default("threads"),
     show_default=True,
-    help="HTTP worker threads.",
+    help="HTTP worker threads (with several models and no --threads: 16 per model, 32 to 128).",
 )
 @click.option(
     "--request-timeout",

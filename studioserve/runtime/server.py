@@ -89,6 +89,8 @@ class ModelServer:
         self.catalog: ModelCatalog | None = None
         self.repository = ModelRepository()
         self._closed = False
+        #: the HTTP threads (``--threads``, or sized by the number of models)
+        self.threads = config.threads
 
     # -- start -------------------------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class ModelServer:
             self.service = ModelService(self.repository, request_timeout=cfg.request_timeout)
             self.token = (cfg.token or secrets.token_urlsafe(32)) if cfg.auth_enabled else None
             names = self.repository.names()
+            self.threads = http_threads(cfg, len(names))
             self.app = create_app(
                 self.service,
                 token=self.token,
@@ -123,12 +126,12 @@ class ModelServer:
                     auth=self.token is not None,
                 ),
                 max_queue_time=None if cfg.max_queue_ms is None else cfg.max_queue_ms / 1000.0,
-                max_in_flight=default_max_in_flight(cfg.threads),
+                max_in_flight=default_max_in_flight(self.threads),
                 max_keys=cfg.max_keys,
             )
             state_of(self.app).shutdown_at = self.shutdown_at
             self.http = make_http_server(
-                self.app, cfg.host, cfg.port, cfg.threads, self.http_server
+                self.app, cfg.host, cfg.port, self.threads, self.http_server
             )
             for entry in self.repository.models():  # worker threads up before the first request
                 for served in entry.versions.values():
@@ -287,6 +290,23 @@ def _signals_stop(server: ModelServer) -> Iterator[None]:
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
+
+
+#: the most HTTP threads the automatic sizing picks (``--threads`` sets any number)
+MAX_AUTO_THREADS = 128
+
+
+def http_threads(config: ServeConfig, models: int) -> int:
+    """The HTTP threads for ``models`` served models: ``--threads`` when given, else the
+    default per model (up to :data:`MAX_AUTO_THREADS`).
+
+    Every inference request holds a thread while it waits for its model, and each model
+    batches only its own requests: five models behind the threads of one would each see a
+    fifth of the concurrency, so batches of a fifth of the size (bench_repository.py).
+    """
+    if config.is_explicit("threads") or models <= 1:
+        return config.threads
+    return min(MAX_AUTO_THREADS, max(config.threads, config.threads * models // 2))
 
 
 def serve(
