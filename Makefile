@@ -48,6 +48,8 @@ overload: venv
 
 soak: venv
 	$(BIN)/python bench/bench_soak.py
+bench-repository: venv
+	$(BIN)/python bench/bench_repository.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

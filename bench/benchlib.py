@@ -301,9 +301,11 @@ def scrape_metrics(url: str, names: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def scrape_labelled(url: str, names: Iterable[str]) -> dict[str, dict[tuple[str, ...], float]]:
-    """GET ``url`` (Prometheus text): each named sample's value by its label values, in the
-    order the server wrote them (``{"m_total": {("mlp", "0"): 12.0}}``; no labels: ``()``).
+def scrape_labelled(
+    url: str, names: Iterable[str]
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """GET ``url`` (Prometheus text): each named sample's value by its labels, as sorted
+    ``(name, value)`` pairs (``{"m_total": {(("model", "mlp"),): 12.0}}``; no labels: ``()``).
 
     Returns an empty dict when the server has no metrics endpoint.
     """
@@ -313,13 +315,14 @@ def scrape_labelled(url: str, names: Iterable[str]) -> dict[str, dict[tuple[str,
             text = resp.read().decode("utf-8", "replace")
     except (urllib.error.URLError, OSError):
         return {}
-    out: dict[str, dict[tuple[str, ...], float]] = {}
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)", line)
         if m and m.group(1) in wanted:
-            labels = tuple(re.findall(r'="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            pairs = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or "")
+            labels = tuple(sorted(pairs))
             try:
                 out.setdefault(m.group(1), {})[labels] = float(m.group(3))
             except ValueError:
