@@ -110,6 +110,9 @@ class BatchFunctionModel(PipeModel):
     :param devices: each instance's device label ("CPU", "cuda:0", ...), if placed.
     :param warm: call each instance once on :func:`example_batch` before serving (a runtime
         whose signature is not known exactly passes False and warms itself).
+    :param batcher: ``list of items -> function input`` instead of stacking along axis 0 (a
+        runtime without a signature passes ``list``: the function gets the raw values and
+        returns one output per item); see ``ModelPipe.add``.
     :raises ModelLoadError: when a warm-up call fails (the message names the artifact).
     """
 
@@ -128,6 +131,7 @@ class BatchFunctionModel(PipeModel):
         queue_size: int,
         devices: Sequence[str] | None = None,
         warm: bool = True,
+        batcher: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         if not calls:
             raise ValueError("a BatchFunctionModel needs at least one batch function")
@@ -143,6 +147,7 @@ class BatchFunctionModel(PipeModel):
             max_batch_size=max_batch_size,
             max_delay=max_delay,
             name=MODEL_STAGE,
+            batcher=batcher,
             instances=calls if len(calls) > 1 else None,
             devices=list(devices) if devices is not None and len(devices) == len(calls) else None,
         )

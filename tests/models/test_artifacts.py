@@ -91,7 +91,8 @@ def test_two_frameworks_are_ambiguous_naming_both_files_and_the_flag(tmp_path: P
     with pytest.raises(ModelLoadError) as info:
         choose(scan(tmp_path), where=tmp_path)
     message = str(info.value)
-    assert "model.keras" in message and "model.onnx" in message and "--framework" in message
+    for word in ("model.keras", "model.onnx", "--framework"):
+        assert word in message
     picked = choose(scan(tmp_path), framework="onnx")
     assert [a.path.name for a in picked] == ["model.onnx"]
     with pytest.raises(ModelLoadError, match="holds no sklearn model"):
