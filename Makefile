@@ -50,6 +50,8 @@ soak: venv
 	$(BIN)/python bench/bench_soak.py
 bench-repository: venv
 	$(BIN)/python bench/bench_repository.py
+bench-frameworks: venv
+	$(BIN)/python bench/bench_frameworks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -115,6 +115,21 @@ def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def mapped_files(pid: int) -> set[str]:
+    """The files process ``pid`` has mapped (its shared libraries among them), from
+    /proc/PID/maps (Linux); empty when the process is gone or /proc is not available."""
+    out: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    out.add(parts[5].strip())
+    except OSError:
+        pass
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -536,12 +551,20 @@ def studio_command(studio_cmd: str | None = None) -> list[str]:
 
 
 def add_experiment(
-    studio: Sequence[str], store: Path, key: str, folder: Path, framework: str
+    studio: Sequence[str],
+    store: Path,
+    key: str,
+    folder: Path,
+    framework: str,
+    *,
+    serving_config: Path | None = None,
 ) -> None:
-    """``studio experiments add KEY FOLDER --store STORE --framework FW`` (as a user would)."""
+    """``studio experiments add KEY FOLDER --store STORE --framework FW`` (as a user would),
+    with ``--serving-config FILE`` when ``serving_config`` is given."""
+    extra = ["--serving-config", str(serving_config)] if serving_config is not None else []
     subprocess.run(
         [*studio, "experiments", "add", key, str(folder), "--store", str(store)]
-        + ["--framework", framework, "--quiet"],
+        + ["--framework", framework, "--quiet", *extra],
         check=True,
         capture_output=True,
         env=dict(os.environ, **python_env()),

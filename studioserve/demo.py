@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,9 @@ def _save_torch(folder: Path) -> None:
         torch.nn.Linear(16, DEMO_CLASSES),
         torch.nn.Softmax(dim=-1),
     ).eval()
-    torch.jit.save(torch.jit.script(model), str(folder / "model.pt"))
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; it still serves
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model), str(folder / "model.pt"))
 
 
 def _save_onnx(folder: Path) -> None:

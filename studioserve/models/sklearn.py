@@ -209,12 +209,43 @@ def _compute(
     if not hasattr(estimator, "predict_proba"):
         return (lambda x: {"label": _dense(predict(frame(x)))}), ["label"]
     proba = estimator.predict_proba
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None and _label_is_argmax(estimator, frame):
+        labels = np.asarray(classes)
+
+        def classify_once(x: np.ndarray[Any, Any]) -> dict[str, Any]:
+            # one pass over the model: the label is the most probable class (checked at load)
+            p = _dense(proba(frame(x)))
+            return {"label": labels[p.argmax(axis=1)], "probabilities": p}
+
+        return classify_once, ["label", "probabilities"]
 
     def classify(x: np.ndarray[Any, Any]) -> dict[str, Any]:
         rows = frame(x)
         return {"label": _dense(predict(rows)), "probabilities": _dense(proba(rows))}
 
     return classify, ["label", "probabilities"]
+
+
+def _label_is_argmax(estimator: Any, frame: Any, rows: int = 64) -> bool:
+    """Whether ``predict`` is the most probable class of ``predict_proba`` on probe rows.
+
+    True for most classifiers (forests, trees, linear models, boosting), so one
+    ``predict_proba`` per batch gives both outputs (a forest then runs once, not twice);
+    False for those whose ``predict`` decides otherwise (an SVC with probability=True).
+    """
+    n = getattr(estimator, "n_features_in_", None)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        return False
+    probe = np.random.default_rng(0).normal(size=(rows, int(n)))
+    try:
+        p = np.asarray(estimator.predict_proba(frame(probe)))
+        if p.ndim != 2:
+            return False
+        want = np.asarray(estimator.predict(frame(probe)))
+        return bool(np.array_equal(np.asarray(estimator.classes_)[p.argmax(axis=1)], want))
+    except Exception:
+        return False
 
 
 def _framer(names: tuple[str, ...]) -> Any:
