@@ -332,7 +332,8 @@ def test_instances_each_get_a_session_on_the_cpu(
         assert_close(model.predict({"k": x}, timeout=30)["k"], models.mlp.numpy(x), 1e-5, 1e-5)
     finally:
         model.close()
-    assert caplog.text.count("on CPU") == 2, caplog.text
+    assert caplog.text.count("ONNX Runtime session") == 2, caplog.text
+    assert caplog.text.count(" of 2 on CPU") == 2, caplog.text
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="CUDA provider present")
