@@ -150,3 +150,23 @@ def without_module(tmp: Path, *modules: str) -> dict[str, str]:
         (pkg / "__init__.py").write_text(f"raise ImportError({message!r})\n")
     path = os.pathsep.join(p for p in [str(stubs), os.environ.get("PYTHONPATH", "")] if p)
     return {"PYTHONPATH": path}
+
+
+@contextmanager
+def cli_served(
+    store_dir: Path, key: str, folder: Path, framework: str, *serve_args: str
+) -> Iterator[str]:
+    """``studio experiments add KEY FOLDER`` (its detected framework checked with ``show``),
+    then ``studio serve KEY`` as a user runs them; yields the server's URL, stops it after."""
+    from tests.helpers import start_cli, stop_cli
+
+    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
+    added = studio("experiments", "add", key, str(folder), env=env)
+    assert added.returncode == 0, added.stderr
+    shown = studio("experiments", "show", key, env=env)
+    assert json.loads(shown.stdout)["framework"] == framework
+    proc, url = start_cli([key, "--port", "0", "--killafter", "0", *serve_args], env)
+    try:
+        yield url
+    finally:
+        assert stop_cli(proc) == 0

@@ -32,13 +32,14 @@ from tests.frameworks.helpers import (
     check_batches_shared,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     post_oip,
     serving,
     studio,
     without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -389,13 +390,7 @@ def test_missing_onnxruntime_names_the_extra(
 
 
 def test_cli_adds_and_serves_an_onnx_model(models: Models, store_dir: Path) -> None:
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio("experiments", "add", "onnx-mlp", str(models.mlp.folder), env=env)
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "onnx-mlp", env=env)
-    assert json.loads(shown.stdout)["framework"] == "onnx"
-    proc, url = start_cli(["onnx-mlp", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "onnx-mlp", models.mlp.folder, "onnx") as url:
         x = _x(4)
         status, _, body = raw_post(url, pickle.dumps({"k": x}))
         assert status == 200, body
@@ -404,5 +399,3 @@ def test_cli_adds_and_serves_an_onnx_model(models: Models, store_dir: Path) -> N
         status, out = post_oip(url, "onnx-mlp", {"x": x})
         assert status == 200, out
         assert_close(out["outputs"]["y"], got, rtol=1e-5, atol=1e-6)
-    finally:
-        assert stop_cli(proc) == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -30,13 +29,14 @@ from tests.frameworks.helpers import (
     check_batches_shared,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     post_oip,
     serving,
     studio,
     without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 sio = pytest.importorskip("skops.io")
 joblib = pytest.importorskip("joblib")
@@ -289,18 +289,10 @@ def test_missing_scikit_learn_names_the_extra(
 
 def test_cli_adds_and_serves_a_skops_model(fitted: Fitted, store_dir: Path, tmp_path: Path) -> None:
     folder = _skops(fitted.classifier, tmp_path / "lr")
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio("experiments", "add", "sk-lr", str(folder), env=env)
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "sk-lr", env=env)
-    assert json.loads(shown.stdout)["framework"] == "sklearn"
-    proc, url = start_cli(["sk-lr", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "sk-lr", folder, "sklearn") as url:
         x = _x(4)
         want = _classify(fitted.classifier)(x)
         status, out = post(url, {"k": x})
         assert status == 200, out
         assert_close(out["k"], want)
         check_oip_answers(url, "sk-lr", {"input": x}, want)
-    finally:
-        assert stop_cli(proc) == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -34,13 +33,14 @@ from tests.frameworks.helpers import (
     check_batches_shared,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     post_oip,
     serving,
     studio,
     without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 torch = pytest.importorskip("torch")
 
@@ -334,13 +334,7 @@ def test_missing_torch_names_the_extra(models: Models, store_dir: Path, tmp_path
 
 
 def test_cli_adds_and_serves_a_traced_model(models: Models, store_dir: Path) -> None:
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio("experiments", "add", "torch-mlp", str(models.traced.parent), env=env)
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "torch-mlp", env=env)
-    assert json.loads(shown.stdout)["framework"] == "torchscript"
-    proc, url = start_cli(["torch-mlp", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "torch-mlp", models.traced.parent, "torchscript") as url:
         x = _x(4)
         status, _, body = raw_post(url, pickle.dumps({"k": x}))
         assert status == 200, body
@@ -349,5 +343,3 @@ def test_cli_adds_and_serves_a_traced_model(models: Models, store_dir: Path) -> 
         status, out = post_oip(url, "torch-mlp", {"x": x})
         assert status == 200, out
         assert_close(out["outputs"]["output_0"], got)
-    finally:
-        assert stop_cli(proc) == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +28,13 @@ from tests.frameworks.helpers import (
     check_batches_shared,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     serving,
     studio,
     without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 xgb = pytest.importorskip("xgboost")
 lgb = pytest.importorskip("lightgbm")
@@ -250,18 +250,10 @@ def test_missing_xgboost_names_the_extra(trained: Trained, store_dir: Path, tmp_
 
 
 def test_cli_adds_and_serves_an_xgboost_model(trained: Trained, store_dir: Path) -> None:
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio("experiments", "add", "xgb-binary", str(trained.binary), env=env)
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "xgb-binary", env=env)
-    assert json.loads(shown.stdout)["framework"] == "xgboost"
-    proc, url = start_cli(["xgb-binary", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "xgb-binary", trained.binary, "xgboost") as url:
         x = _x(4)
         want = _xgboost(trained.binary)(x)
         status, out = post(url, {"k": x})
         assert status == 200, out
         assert_close(out["k"], want)
         check_oip_answers(url, "xgb-binary", {"input": x.astype(np.float32)}, want)
-    finally:
-        assert stop_cli(proc) == 0
