@@ -166,7 +166,7 @@ def test_sigterm_under_keep_alive_load_drops_no_request_and_the_port_is_free_at_
     idle = [_idle_connection(port) for _ in range(4)]  # a pool's spare connections
     try:
         load.start()
-        time.sleep(1.0)
+        _served_some(load)
         load.stop_began = time.monotonic()
         server.request_stop("SIGTERM")
         server.close()
@@ -214,7 +214,7 @@ def test_no_request_on_a_kept_alive_connection_is_dropped_even_by_impatient_clie
     load = Load(server.port, seconds=6.0, retry_after=False)
     try:
         load.start()
-        time.sleep(1.0)
+        _served_some(load)
         load.stop_began = time.monotonic()
         server.request_stop("SIGTERM")
         server.close()
@@ -228,6 +228,15 @@ def test_no_request_on_a_kept_alive_connection_is_dropped_even_by_impatient_clie
     assert load.statuses[200] > 100, load.summary()
     assert load.statuses[503] > 0, load.summary()
     assert load.kept_open_503 == 0, load.summary()
+
+
+def _served_some(load: Load, count: int = 150, timeout: float = 10.0) -> None:
+    """Let the load run until ``count`` requests were answered 200 (about a second here; more
+    on a loaded machine), so the drain always starts under load."""
+    deadline = time.monotonic() + timeout
+    time.sleep(1.0)
+    while load.statuses[200] < count and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _draining(body: bytes) -> bool:
