@@ -154,14 +154,21 @@ def without_module(tmp: Path, *modules: str) -> dict[str, str]:
 
 @contextmanager
 def cli_served(
-    store_dir: Path, key: str, folder: Path, framework: str, *serve_args: str
+    store_dir: Path,
+    key: str,
+    folder: Path,
+    framework: str,
+    *serve_args: str,
+    config: Path | None = None,
 ) -> Iterator[str]:
-    """``studio experiments add KEY FOLDER`` (its detected framework checked with ``show``),
-    then ``studio serve KEY`` as a user runs them; yields the server's URL, stops it after."""
+    """``studio experiments add KEY FOLDER [--serving-config CONFIG]`` (its detected framework
+    checked with ``show``), then ``studio serve KEY SERVE_ARGS`` as a user runs them; yields
+    the server's URL, stops it after."""
     from tests.helpers import start_cli, stop_cli
 
     env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio("experiments", "add", key, str(folder), env=env)
+    with_config = ["--serving-config", str(config)] if config is not None else []
+    added = studio("experiments", "add", key, str(folder), *with_config, env=env)
     assert added.returncode == 0, added.stderr
     shown = studio("experiments", "show", key, env=env)
     assert json.loads(shown.stdout)["framework"] == framework
@@ -170,3 +177,13 @@ def cli_served(
         yield url
     finally:
         assert stop_cli(proc) == 0
+
+
+def check_missing_extra(
+    tmp: Path, store_dir: Path, key: str, module: str, extra: str, *serve_args: str
+) -> None:
+    """``studio serve KEY`` with ``module`` not importable fails naming ``studioserve[extra]``."""
+    env = {"STUDIO_STORE": str(store_dir), **without_module(tmp, module)}
+    done = studio("serve", key, *serve_args, "--port", "0", "--killafter", "0", env=env)
+    assert done.returncode != 0
+    assert f"studioserve[{extra}]" in done.stderr, done.stderr

@@ -9,7 +9,6 @@ serving.toml signature; answers are compared with calling the closure itself.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,14 +26,14 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     serving,
-    studio,
-    without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 cloudpickle = pytest.importorskip("cloudpickle")
 
@@ -187,30 +186,15 @@ def test_importing_the_runtime_imports_no_cloudpickle() -> None:
 
 def test_missing_cloudpickle_names_the_extra(store_dir: Path, tmp_path: Path) -> None:
     add_experiment(store_dir, "lin", _save(linear(), tmp_path / "lin"), serving="instances = 1\n")
-    env = {"STUDIO_STORE": str(store_dir), **without_module(tmp_path, "cloudpickle")}
-    stub = tmp_path / "blocked_modules" / "cloudpickle" / "__init__.py"
-    stub.write_text("raise ImportError(\"No module named 'cloudpickle'\")\n")  # one that parses
-    done = studio("serve", "lin", "--trust-artifact", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[closure]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "lin", "cloudpickle", "closure", "--trust-artifact")
 
 
 def test_cli_adds_and_serves_a_closure_with_trust(store_dir: Path, tmp_path: Path) -> None:
     folder = _save(linear(), tmp_path / "lin")
     config = tmp_path / "serving.toml"
     config.write_text(SIGNATURE)
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio(
-        "experiments", "add", "clo", str(folder), "--serving-config", str(config), env=env
-    )
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "clo", env=env)
-    assert json.loads(shown.stdout)["framework"] == "closure"
-    proc, url = start_cli(["clo", "--trust-artifact", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "clo", folder, "closure", "--trust-artifact", config=config) as url:
         x = _x(3)
         status, out = post(url, {"k": x})
         assert status == 200, out
         assert_close(out["k"], x @ W)
-    finally:
-        assert stop_cli(proc) == 0

@@ -30,14 +30,13 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
     cli_served,
     post,
     post_oip,
     serving,
-    studio,
-    without_module,
 )
 from tests.helpers import raw_post
 
@@ -383,10 +382,7 @@ def test_missing_onnxruntime_names_the_extra(
     models: Models, store_dir: Path, tmp_path: Path
 ) -> None:
     add_experiment(store_dir, "mlp", models.mlp.folder)
-    env = {"STUDIO_STORE": str(store_dir), **without_module(tmp_path, "onnxruntime")}
-    done = studio("serve", "mlp", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[onnx]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "mlp", "onnxruntime", "onnx")
 
 
 def test_cli_adds_and_serves_an_onnx_model(models: Models, store_dir: Path) -> None:

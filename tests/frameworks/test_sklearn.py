@@ -27,14 +27,13 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
     cli_served,
     post,
     post_oip,
     serving,
-    studio,
-    without_module,
 )
 from tests.helpers import raw_post
 
@@ -92,15 +91,6 @@ def _classify(estimator: Any) -> Any:
         return {"label": estimator.predict(x), "probabilities": estimator.predict_proba(x)}
 
     return predict
-
-
-def _without(tmp: Path, module: str) -> dict[str, str]:
-    """helpers.without_module, with a stub that parses (the helper's own quotes the module's
-    name inside a single-quoted string, a SyntaxError instead of an ImportError)."""
-    env = without_module(tmp, module)
-    stub = tmp / "blocked_modules" / module / "__init__.py"
-    stub.write_text(f"raise ImportError({f'No module named {module!r}'!r})\n")
-    return env
 
 
 def _get(url: str, path: str) -> Any:
@@ -277,14 +267,10 @@ def test_importing_the_runtime_imports_no_sklearn() -> None:
 def test_missing_scikit_learn_names_the_extra(
     fitted: Fitted, store_dir: Path, tmp_path: Path
 ) -> None:
-    # instances = 1: skip the catalog's GPU count (it imports TensorFlow, which imports sklearn)
     add_experiment(
         store_dir, "lr", _skops(fitted.classifier, tmp_path / "lr"), serving="instances = 1\n"
     )
-    env = {"STUDIO_STORE": str(store_dir), **_without(tmp_path, "sklearn")}
-    done = studio("serve", "lr", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[sklearn]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "lr", "sklearn", "sklearn")
 
 
 def test_cli_adds_and_serves_a_skops_model(fitted: Fitted, store_dir: Path, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,19 +28,20 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
+    cli_served,
     post,
     serving,
     studio,
-    without_module,
 )
-from tests.helpers import raw_post, start_cli, stop_cli
+from tests.helpers import raw_post
 
 pytest.importorskip("pyspark")
 
 COLUMNS = ["a", "b", "c"]
-ONE_INSTANCE = "instances = 1\n"  # and no GPU count (which would import TensorFlow)
+ONE_INSTANCE = "instances = 1\n"
 
 
 @dataclasses.dataclass
@@ -199,12 +199,7 @@ def test_without_java_the_error_says_pyspark_needs_one(
 
 def test_missing_pyspark_names_the_extra(trained: Trained, store_dir: Path, tmp_path: Path) -> None:
     add_experiment(store_dir, "lr", trained.folder, serving=ONE_INSTANCE)
-    env = {"STUDIO_STORE": str(store_dir), **without_module(tmp_path, "pyspark")}
-    stub = tmp_path / "blocked_modules" / "pyspark" / "__init__.py"
-    stub.write_text("raise ImportError(\"No module named 'pyspark'\")\n")  # a stub that parses
-    done = studio("serve", "lr", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[spark]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "lr", "pyspark", "spark")
 
 
 def test_cli_adds_and_serves_a_spark_pipeline(
@@ -212,21 +207,7 @@ def test_cli_adds_and_serves_a_spark_pipeline(
 ) -> None:
     config = tmp_path / "serving.toml"
     config.write_text(ONE_INSTANCE)
-    env = {**os.environ, "STUDIO_STORE": str(store_dir), "PYTHONUNBUFFERED": "1"}
-    added = studio(
-        "experiments",
-        "add",
-        "spark-lr",
-        str(trained.folder),
-        "--serving-config",
-        str(config),
-        env=env,
-    )
-    assert added.returncode == 0, added.stderr
-    shown = studio("experiments", "show", "spark-lr", env=env)
-    assert json.loads(shown.stdout)["framework"] == "spark"
-    proc, url = start_cli(["spark-lr", "--port", "0", "--killafter", "0"], env)
-    try:
+    with cli_served(store_dir, "spark-lr", trained.folder, "spark", config=config) as url:
         x = _x(4)
         want = trained.predict(x)
         status, out = post(url, {"many": x, "one": x[0]})
@@ -234,5 +215,3 @@ def test_cli_adds_and_serves_a_spark_pipeline(
         assert_close(out["many"], want)
         assert_close(out["one"], {k: v[0] for k, v in want.items()})
         check_oip_answers(url, "spark-lr", {"features": x}, want)
-    finally:
-        assert stop_cli(proc) == 0

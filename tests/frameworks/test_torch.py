@@ -31,14 +31,13 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
     cli_served,
     post,
     post_oip,
     serving,
-    studio,
-    without_module,
 )
 from tests.helpers import raw_post
 
@@ -327,10 +326,7 @@ def test_importing_the_runtime_does_not_import_torch() -> None:
 
 def test_missing_torch_names_the_extra(models: Models, store_dir: Path, tmp_path: Path) -> None:
     add_experiment(store_dir, "mlp", models.scripted.parent)
-    env = {"STUDIO_STORE": str(store_dir), **without_module(tmp_path, "torch")}
-    done = studio("serve", "mlp", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[torch]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "mlp", "torch", "torch")
 
 
 def test_cli_adds_and_serves_a_traced_model(models: Models, store_dir: Path) -> None:

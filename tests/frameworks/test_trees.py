@@ -26,13 +26,12 @@ from tests.frameworks.helpers import (
     assert_close,
     check_422,
     check_batches_shared,
+    check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
     cli_served,
     post,
     serving,
-    studio,
-    without_module,
 )
 from tests.helpers import raw_post
 
@@ -40,7 +39,6 @@ xgb = pytest.importorskip("xgboost")
 lgb = pytest.importorskip("lightgbm")
 
 FEATURES = 6
-#: skip the catalog's GPU count (it imports TensorFlow) in the subprocess tests
 ONE_INSTANCE = "instances = 1\n"
 
 
@@ -232,21 +230,9 @@ def test_importing_the_runtime_imports_neither_booster_package() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _without(tmp: Path, module: str) -> dict[str, str]:
-    """helpers.without_module, with a stub that parses (the helper's own quotes the module's
-    name inside a single-quoted string, a SyntaxError instead of an ImportError)."""
-    env = without_module(tmp, module)
-    stub = tmp / "blocked_modules" / module / "__init__.py"
-    stub.write_text(f"raise ImportError({f'No module named {module!r}'!r})\n")
-    return env
-
-
 def test_missing_xgboost_names_the_extra(trained: Trained, store_dir: Path, tmp_path: Path) -> None:
     add_experiment(store_dir, "xgb", trained.binary, serving=ONE_INSTANCE)
-    env = {"STUDIO_STORE": str(store_dir), **_without(tmp_path, "xgboost")}
-    done = studio("serve", "xgb", "--port", "0", "--killafter", "0", env=env)
-    assert done.returncode != 0
-    assert "studioserve[xgboost]" in done.stderr, done.stderr
+    check_missing_extra(tmp_path, store_dir, "xgb", "xgboost", "xgboost")
 
 
 def test_cli_adds_and_serves_an_xgboost_model(trained: Trained, store_dir: Path) -> None:
