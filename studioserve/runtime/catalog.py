@@ -192,6 +192,7 @@ class ModelCatalog:
         """Load ``name`` if it changed; "ensemble" for an ensemble (built separately)."""
         assert self.store is not None
         with self._lock:
+            fingerprint = ""
             try:
                 fingerprint = self.store.fingerprint(name)
                 known = self._loaded.get(name)
@@ -212,18 +213,15 @@ class ModelCatalog:
                 )
                 self.modeldirs[name] = modeldir
                 self._publish_versions(name, modeldir, settings, fingerprint, known)
-            except StudioServeError as e:
-                self._broken[name] = self._seen.get(name, "")
-                self._failed(name, e, startup=startup or raise_errors)
-                return None
             except Exception as e:
-                self._broken[name] = self._seen.get(name, "")
-                logger.exception("loading model %r failed", name)
-                self._failed(
-                    name,
-                    StudioServeError(f"loading model {name!r} failed: {type(e).__name__}: {e}"),
-                    startup=startup or raise_errors,
-                )
+                self._broken[name] = fingerprint  # the store as it failed: not retried as is
+                error = e if isinstance(e, StudioServeError) else None
+                if error is None:
+                    logger.exception("loading model %r failed", name)
+                    error = StudioServeError(
+                        f"loading model {name!r} failed: {type(e).__name__}: {e}"
+                    )
+                self._failed(name, error, startup=startup or raise_errors)
                 return None
         if self.on_loaded is not None:
             self.on_loaded(name)
