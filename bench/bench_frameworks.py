@@ -149,6 +149,8 @@ from benchlib import (  # noqa: E402
     ServerProcess,
     Target,
     add_experiment,
+    add_run_options,
+    add_server_options,
     cpu_seconds,
     fmt_num,
     http_post,
@@ -1002,22 +1004,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--start-timeout", type=float, default=300.0, help="seconds for a server to be ready"
     )
-    p.add_argument("--http-server", default="granian", help="passed to studio serve")
-    p.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        help="extra argument for every studio serve (repeatable), e.g. --serve-arg=--threads=64",
+    add_server_options(
+        p,
+        serve_arg_example="--threads=64",
+        every=True,
+        studio_cmd_help="command that runs `studio` (default: this venv's; the server's Python "
+        "threads are then not named)",
     )
-    p.add_argument(
-        "--studio-cmd",
-        default=None,
-        help="command that runs `studio` (default: this venv's; the server's Python threads "
-        "are then not named)",
-    )
-    p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load below this")
-    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for --max-load")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    add_run_options(p)
     args = p.parse_args(argv)
     args.connections = sorted({int(c) for c in args.connections.split(",") if c})
     if not args.connections or min(args.connections) < 1:

@@ -64,6 +64,8 @@ from benchlib import (  # noqa: E402
     ServerProcess,
     Target,
     add_experiment,
+    add_run_options,
+    add_server_options,
     fmt_num,
     http_post,
     load_str,
@@ -382,19 +384,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=4096.0,
         help="kill the server if its RSS goes above this (protects a shared machine)",
     )
-    p.add_argument("--http-server", default="granian", help="passed to studio serve")
-    p.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        help="extra argument for studio serve (repeatable), e.g. --serve-arg=--max-queue-ms=200",
+    add_server_options(
+        p,
+        serve_arg_example="--max-queue-ms=200",
     )
-    p.add_argument(
-        "--studio-cmd", default=None, help="command that runs `studio` (default: this venv's)"
-    )
-    p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load below this")
-    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for --max-load")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    add_run_options(p)
     args = p.parse_args(argv)
     args.levels = [float(x) for x in args.levels.split(",") if x]
     if args.client_timeout is None:

@@ -51,6 +51,8 @@ from benchlib import (  # noqa: E402
     ServerProcess,
     Target,
     WrkResult,
+    add_run_options,
+    add_server_options,
     fmt_num,
     http_post,
     load_str,
@@ -617,26 +619,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of uncounted load first")
     p.add_argument("--levels", default="1,8,64", help="wrk connection counts")
     p.add_argument("--workloads", default="tiny,mlp", help="tiny, mlp or both")
-    p.add_argument("--http-server", default="granian", help="passed to studio serve")
-    p.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        help="extra argument for studio serve (repeatable), e.g. --serve-arg=--max-delay-ms=1",
-    )
-    p.add_argument(
-        "--studio-cmd",
-        default=None,
-        help="command that runs `studio serve` (default: the studio script of this Python), "
-        "e.g. to benchmark another checkout or a patched launcher",
+    add_server_options(
+        p,
+        serve_arg_example="--max-delay-ms=1",
+        studio_cmd_help="command that runs `studio serve` (default: the studio script of this "
+        "Python), e.g. to benchmark another checkout or a patched launcher",
     )
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
     p.add_argument("--offline-seconds", type=float, default=0.6, help="per offline batch size")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-bulk", action="store_true", help="skip the bulk case")
-    p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load below this")
-    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for --max-load")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    add_run_options(p)
     p.add_argument(
         "--profile",
         type=Path,

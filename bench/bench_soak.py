@@ -107,6 +107,8 @@ from benchlib import (  # noqa: E402
     ServerProcess,
     Target,
     add_experiment,
+    add_run_options,
+    add_server_options,
     fmt_num,
     load_str,
     passed,
@@ -967,19 +969,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between lines")
     p.add_argument("--no-probe", action="store_true", help="skip the one-by-one probe")
-    p.add_argument("--http-server", default="granian", help="passed to studio serve")
-    p.add_argument(
-        "--serve-arg",
-        action="append",
-        default=[],
-        help="extra argument for studio serve (repeatable), e.g. --serve-arg=--max-queue-ms=200",
+    add_server_options(
+        p,
+        serve_arg_example="--max-queue-ms=200",
     )
-    p.add_argument(
-        "--studio-cmd", default=None, help="command that runs `studio` (default: this venv's)"
-    )
-    p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load below this")
-    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for --max-load")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    add_run_options(p)
     args = p.parse_args(argv)
     args.model_name = "mlp"
     if args.hostile == "all":

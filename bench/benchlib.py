@@ -6,6 +6,7 @@ light so that it does not compete with the server for the machine's two cores.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -862,3 +863,30 @@ class AsyncHttpConnection:
             data = await reader.read()
             keep = False
         return status, hdrs, data, keep
+
+
+def add_server_options(
+    p: argparse.ArgumentParser,
+    *,
+    serve_arg_example: str,
+    every: bool = False,
+    studio_cmd_help: str = "command that runs `studio` (default: this venv's)",
+) -> None:
+    """The options of every benchmark that starts ``studio serve``: --http-server,
+    --serve-arg (repeatable; ``every``: for each of several servers) and --studio-cmd."""
+    p.add_argument("--http-server", default="granian", help="passed to studio serve")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help=f"extra argument for {'every ' if every else ''}studio serve (repeatable), "
+        f"e.g. --serve-arg={serve_arg_example}",
+    )
+    p.add_argument("--studio-cmd", default=None, help=studio_cmd_help)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """--max-load and --max-wait (start on a quiet machine) and --json (every figure)."""
+    p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load below this")
+    p.add_argument("--max-wait", type=float, default=0.0, help="seconds to wait for --max-load")
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
