@@ -24,6 +24,7 @@ from .errors import StudioServeError
 
 if TYPE_CHECKING:
     from .cloud import CloudOptions
+    from .cloud import Overrides as CloudOverrides
     from .runtime import ModelServer
     from .store import Store
 
@@ -184,6 +185,11 @@ class CloudArgs:
     allow_cidr: str | None = None
     max_lifetime: float | None = None
     ssh_user: str | None = None
+    disk_gb: int | None = None
+    provisioning_model: str | None = None
+    service_account: str | None = None
+    allow_cpu_fallback: bool | None = None
+    dry_run: bool | None = None
 
     def __post_init__(self) -> None:
         given = [
@@ -205,6 +211,7 @@ class CloudArgs:
 
         assert self.cloud is not None
         given = {name: value for name, value in self._cloud_only().items() if value is not None}
+        given.pop("dry_run", None)
         return CloudOptions(cloud=self.cloud, **{"gpus": 1, **given})
 
 
@@ -221,7 +228,12 @@ _CLOUD_OPTIONS = (
         default=None,
         help="GPUs for --cloud (0: a CPU instance; default 1).",
     ),
-    click.option("--instance-type", default=None, help="EC2 instance type (overrides --gpus)."),
+    click.option(
+        "--instance-type",
+        default=None,
+        help="EC2 instance type, or a comma-separated list tried in order when EC2 has no "
+        "capacity (g6.xlarge,g5.xlarge); overrides --gpus.",
+    ),
     click.option("--machine-type", default=None, help="GCE machine type (overrides --gpus)."),
     click.option(
         "--accelerator",
@@ -254,6 +266,39 @@ _CLOUD_OPTIONS = (
         help="Seconds after which the instance ends whatever happens (default 86400).",
     ),
     click.option("--ssh-user", default=None, help="Login user on the instance."),
+    click.option(
+        "--disk-gb",
+        type=click.IntRange(min=10),
+        default=None,
+        help="Boot disk size at least, in GB (default 100; a larger image's size wins).",
+    ),
+    click.option(
+        "--provisioning-model",
+        type=click.Choice(["standard", "spot", "flex-start"]),
+        default=None,
+        help="GCE: on demand (standard, the default), spot or flex-start; some GPU shapes "
+        "are sold only as spot or flex-start.",
+    ),
+    click.option(
+        "--service-account",
+        default=None,
+        help="GCE: the account the instance deletes itself with: default (the project's "
+        "compute account, broad rights), create (a dedicated account that may only delete "
+        "studioserve's instances and firewall rules), an email, or none.",
+    ),
+    click.option(
+        "--allow-cpu-fallback",
+        is_flag=True,
+        default=None,
+        help="On a GPU instance, serve (with a warning) even when the framework sees no GPU.",
+    ),
+    click.option(
+        "--dry-run",
+        is_flag=True,
+        default=None,
+        help="Print what --cloud would create (type, image, price, firewall, backstops) and "
+        "create nothing.",
+    ),
 )
 _CLOUD_FIELDS = tuple(f.name for f in dataclasses.fields(CloudArgs))
 
@@ -458,7 +503,8 @@ def serve(
     if cloud.cloud is not None:
         if len(config.keys) != 1 or config.all_models:
             raise click.UsageError("--cloud serves one experiment: name exactly one KEY")
-        _serve_on_cloud(config, cloud.options())
+        overrides = ctx.obj.get("cloud_overrides") if isinstance(ctx.obj, dict) else None
+        _serve_on_cloud(config, cloud.options(), overrides=overrides, dry_run=bool(cloud.dry_run))
         return
     code = run_server(
         config,
@@ -468,16 +514,32 @@ def serve(
     sys.exit(code)
 
 
-def _serve_on_cloud(config: ServeConfig, options: CloudOptions) -> None:
-    """Fetch the modeldir here (options are checked already), deploy it, say where it is."""
-    from .cloud import deploy
+def _serve_on_cloud(
+    config: ServeConfig,
+    options: CloudOptions,
+    *,
+    overrides: CloudOverrides | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Fetch the modeldir here (options are checked already), deploy it, say where it is.
+
+    ``overrides`` come from the click context's ``obj["cloud_overrides"]`` (tests pass them).
+    """
+    from .cloud import deploy, plan_deployment
 
     with _store(config.store) as store:
         modeldir = store.fetch(config.key, refresh=config.refresh, quiet=config.quiet)
-    click.echo(f"Launching {config.key!r} on {options.cloud} ({options.gpus} GPU(s))...", err=True)
-    dep = deploy(config, modeldir, options)
+    if dry_run:
+        plan = plan_deployment(config, modeldir, options, overrides=overrides)
+        click.echo("\n".join(plan.lines()))
+        return
+    click.echo(f"Launching {config.key!r} on {options.cloud}...", err=True)
+    dep = deploy(config, modeldir, options, overrides=overrides)
     click.echo(f"Serving experiment {config.key!r} at {dep.url}")
-    click.echo(f"  instance: {dep.instance_id} ({dep.instance_type}) in {dep.zone or dep.region}")
+    gpu = f", GPU: {dep.gpu}" if dep.gpu else ", no GPU"
+    click.echo(
+        f"  instance: {dep.instance_id} ({dep.instance_type}{gpu}) in {dep.zone or dep.region}"
+    )
     click.echo(f"  token: {dep.token}  (send 'Authorization: Bearer <token>')")
     if dep.killafter > 0:
         click.echo(f"  ends after {dep.killafter:g}s without an inference request")

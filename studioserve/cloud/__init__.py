@@ -4,11 +4,23 @@ Usage::
 
     from studioserve.cloud import CloudOptions, deploy, list_instances, stop_instances
 
+    print("\n".join(plan_deployment(serve_config, modeldir, CloudOptions(cloud="ec2")).lines()))
     dep = deploy(serve_config, modeldir, CloudOptions(cloud="ec2", gpus=1))
-    print(dep.url, dep.token, dep.expires_at)
+    print(dep.url, dep.token, dep.gpu, dep.expires_at)
     for record in list_instances():
         print(record.id, record.location, record.url, record.age)
     stop_instances([dep.id])
+
+The modules: ``base`` (the provider interface, options, overrides, resources), ``launch``
+(one deployment: a method per step and the rollback), ``teardown`` (deleting what a deployment
+made), ``signals`` (Ctrl-C, SIGTERM and SIGHUP during a launch and its rollback), ``payload``
+(what goes to the instance), ``scripts`` (everything that runs on it), ``plan`` (the dry
+run), ``wheel`` (the package the instance installs), ``network`` (your address, HTTP checks),
+``registry`` and ``instances`` (``studio instances``), ``providers`` (which SDK for which
+cloud), ``ec2`` and ``gce`` (the only importers of boto3 and google-cloud) with
+``ec2_catalog`` and ``gce_catalog`` (their tables, prices and hints, no SDK),
+``gce_scripts`` and ``gce_iam`` (the GCE instance's self-deletion and its dedicated account),
+and ``ssh`` (the only importer of paramiko).
 
 Importing this package imports no cloud SDK; :func:`deploy` imports boto3 (``[aws]`` extra)
 or google-cloud-compute (``[gcp]`` extra) and paramiko when it needs them.
@@ -24,16 +36,21 @@ from .base import STEPS as STEPS
 from .base import CloudOptions as CloudOptions
 from .base import Hook as Hook
 from .base import InstanceInfo as InstanceInfo
+from .base import Overrides as Overrides
+from .base import Plan as Plan
 from .base import Provider as Provider
 from .base import Resource as Resource
 from .base import StepContext as StepContext
-from .deploy import Deployment as Deployment
-from .deploy import InstanceRecord as InstanceRecord
-from .deploy import build_wheel as build_wheel
-from .deploy import deploy as deploy
-from .deploy import list_instances as list_instances
-from .deploy import make_provider as make_provider
-from .deploy import stop_instances as stop_instances
+from .instances import list_instances as list_instances
+from .instances import stop_instances as stop_instances
+from .launch import Deployment as Deployment
+from .launch import Launch as Launch
+from .launch import deploy as deploy
+from .launch import plan_deployment as plan_deployment
+from .plan import DeploymentPlan as DeploymentPlan
+from .providers import make_provider as make_provider
+from .registry import InstanceRecord as InstanceRecord
+from .wheel import build_wheel as build_wheel
 
 __all__ = [
     "CLOUDS",
@@ -42,10 +59,14 @@ __all__ = [
     "CloudOptions",
     "Deployment",
     "DeploymentFailed",
+    "DeploymentPlan",
     "HostKeyMismatch",
     "Hook",
     "InstanceInfo",
     "InstanceRecord",
+    "Launch",
+    "Overrides",
+    "Plan",
     "Provider",
     "Resource",
     "StepContext",
@@ -53,5 +74,6 @@ __all__ = [
     "deploy",
     "list_instances",
     "make_provider",
+    "plan_deployment",
     "stop_instances",
 ]

@@ -16,7 +16,6 @@ import dataclasses
 import datetime as _dt
 import ipaddress
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +24,20 @@ from ..errors import ConfigError
 #: the values ``CloudOptions.cloud`` accepts (the CLI's ``--cloud`` choices)
 CLOUDS = ("ec2", "gcloud")
 #: the steps of a deployment, in order; hooks are called before each one
-STEPS = ("launch", "open_port", "wait_ssh", "upload", "install", "start", "wait_ready", "report")
+STEPS = (
+    "launch",
+    "open_port",
+    "wait_ssh",
+    "preflight",
+    "upload",
+    "install",
+    "start",
+    "wait_ready",
+    "extend",
+    "report",
+)
+#: GCE provisioning models (``--provisioning-model``)
+PROVISIONING_MODELS = ("standard", "spot", "flex-start")
 #: the tag (EC2) / label (GCE) key on everything studioserve creates; the value is the id
 TAG_KEY = "studioserve"
 #: the default hard limit on an instance's life
@@ -34,8 +46,18 @@ DEFAULT_MAX_LIFETIME = 24 * 3600.0
 DEFAULT_READY_TIMEOUT = 1800.0
 #: how long ``deploy`` waits for the instance's host key and for sshd to accept the key
 DEFAULT_SSH_TIMEOUT = 900.0
+#: how long the remote install (virtualenv, wheel, framework) may take
+DEFAULT_INSTALL_TIMEOUT = 3600.0
+#: added to the launch lease for the upload and the steps between the timed ones
+LEASE_MARGIN = 600.0
+#: the shortest and longest run duration Compute Engine accepts (maxRunDuration)
+GCE_MIN_RUN_DURATION = 30.0
+GCE_MAX_RUN_DURATION = 120 * 24 * 3600.0
 #: where the boot script installs the command that ends the instance
 END_SCRIPT = "/usr/local/sbin/studioserve-end"
+#: where the boot script installs the command that moves the backstop timer
+#: (``studioserve-lifetime SECONDS``: end SECONDS after the first boot)
+LIFETIME_SCRIPT = "/usr/local/sbin/studioserve-lifetime"
 
 #: resource kinds, in the order they are deleted
 KIND_ORDER = ("instance", "firewall", "security-group", "key-pair", "local-key")
@@ -117,6 +139,36 @@ class LaunchSpec:
     allow_cidr: str
     created_at: _dt.datetime
     expires_at: _dt.datetime
+    #: seconds the instance may run before the server is ready (the launch lease); the boot
+    #: timer and GCE's maxRunDuration start with it and are extended to ``max_lifetime``
+    #: only once the server answers /readyz
+    lease: float = DEFAULT_SSH_TIMEOUT + DEFAULT_INSTALL_TIMEOUT + DEFAULT_READY_TIMEOUT
+    #: seconds the instance may run at all (``--max-lifetime``)
+    max_lifetime: float = DEFAULT_MAX_LIFETIME
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What a deployment would create and what it costs (``--dry-run``; :meth:`Provider.plan`).
+
+    :param instance_type: the type or machine (with attached GPUs, on GCE).
+    :param gpu: the GPUs it has (``"1x NVIDIA L4"``), None for a CPU instance.
+    :param price_per_hour: on-demand USD per hour when known (None: unknown; see the
+        provider's price page).
+    :param creates: one line per resource that would be created.
+    :param backstops: one line per way the instance ends without you.
+    :param notes: anything else worth checking before paying.
+    """
+
+    cloud: str
+    location: str
+    instance_type: str
+    gpu: str | None
+    image: str
+    price_per_hour: float | None
+    creates: tuple[str, ...]
+    backstops: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,52 +193,108 @@ Hook = Callable[[str, StepContext], None]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Overrides:
+    """Where a deployment goes instead of a real cloud and a real instance: the one place
+    tests (and people with unusual networks) point it elsewhere. Production code never reads
+    these from the environment; callers pass them (``deploy(..., overrides=...)``, or the
+    CLI's ``obj={"cloud_overrides": ...}``).
+
+    :param connect_host: the address SSH and HTTP connect to instead of the instance's public
+        address (an SSH tunnel, a bastion; tests map it to 127.0.0.1).
+    :param ssh_port: the SSH port to connect to.
+    :param host_key: an OpenSSH public host key line to pin instead of reading it from the
+        instance's console.
+    :param endpoint_url: the cloud API endpoint (tests: moto or the GCE fake).
+    :param anonymous: GCE only: anonymous credentials (for a fake API endpoint).
+    :param metadata_url: GCE only: the metadata server the instance's own scripts ask for
+        its token, name and zone (default ``http://metadata.google.internal``); the scripts
+        call the API at ``endpoint_url`` when it is set.
+    :param ip_echo_url: where the public address is looked up (default: checkip.amazonaws.com).
+    :param remote_python: the instance's Python that creates the virtualenv.
+    :param remote_dir: where everything goes on the instance (default ``~/studioserve``).
+    :param remote_venv_args: extra ``python -m venv`` arguments.
+    :param remote_pip_args: extra ``pip install`` arguments for the studioserve wheel.
+    :param remote_site_dirs: extra site-packages folders the virtualenv should see.
+    :param remote_requirements: packages installed for the model's framework (None: what the
+        modeldir's framework and the instance's GPU call for; ``()``: none).
+    :param remote_end_command: the shell command run when the server exits (default: the
+        boot script's ``studioserve-end``, which shuts the instance down and deletes it).
+    :param remote_lifetime_command: the command that moves the backstop timer, a template
+        whose ``{seconds}`` is the new lifetime counted from the first boot (default: the boot
+        script's ``studioserve-lifetime SECONDS`` as root).
+    :param remote_bind_host: the address the server binds on the instance.
+    :param hooks: called before each step as ``hook(step, context)``.
+    :param poll_interval: seconds between the provider's polls of the cloud API.
+    """
+
+    connect_host: str | None = None
+    ssh_port: int = 22
+    host_key: str | None = None
+    endpoint_url: str | None = None
+    anonymous: bool = False
+    metadata_url: str | None = None
+    ip_echo_url: str | None = None
+    remote_python: str = "python3"
+    remote_dir: str | None = None
+    remote_venv_args: tuple[str, ...] = ()
+    remote_pip_args: tuple[str, ...] = ()
+    remote_site_dirs: tuple[str, ...] = ()
+    remote_requirements: tuple[str, ...] | None = None
+    remote_end_command: str | None = None
+    remote_lifetime_command: str | None = None
+    remote_bind_host: str = "0.0.0.0"
+    hooks: tuple[Hook, ...] = ()
+    poll_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ssh_port <= 65535:
+            raise ConfigError(f"SSH port {self.ssh_port} is out of range")
+        if self.poll_interval <= 0:
+            raise ConfigError("the poll interval must be > 0 seconds")
+
+    def replace(self, **changes: Any) -> Overrides:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CloudOptions:
-    """Where and how ``studio serve --cloud`` runs.
+    """Where and how ``studio serve --cloud`` runs (every field is a CLI option).
 
     :param cloud: ``"ec2"`` or ``"gcloud"``.
     :param gpus: GPUs wanted (0: a CPU instance); picks the instance/machine type.
-    :param instance_type: EC2 instance type, overriding the choice from ``gpus``.
+    :param instance_type: EC2 instance type, overriding the choice from ``gpus``; a
+        comma-separated list (``g6.xlarge,g5.xlarge``) allows the later ones when EC2 has no
+        capacity for the earlier ones.
     :param machine_type: GCE machine type, overriding the choice from ``gpus``.
     :param accelerator: the GPU model: GCE accelerator type (``nvidia-l4``,
         ``nvidia-tesla-a100``, ``nvidia-h100-80gb``, ``nvidia-tesla-t4``, ...) or, on EC2, a
         family hint (``l4``, ``a10g``, ``l40s``, ``a100``, ``h100``).
+    :param provisioning_model: GCE only: ``standard`` (on demand, the default), ``spot`` or
+        ``flex-start``; some GPU shapes are sold only as spot or flex-start.
     :param region: EC2 region (default: the AWS configuration's, else us-east-1).
     :param subnet: EC2 subnet id to launch in; the security group goes into its VPC and the
         instance gets a public address there (default: the region's default VPC).
     :param zone: GCE zone (default: us-central1-a).
     :param project: GCE project (default: the application-default credentials' project).
     :param image: an AMI id or ``ssm:/PARAMETER`` (EC2), or an image / image family URL (GCE),
-        instead of the lookup.
+        instead of the lookup. Its Python must be 3.11 or newer (checked over SSH first).
     :param allow_cidr: who may reach the serving port and SSH; default: your own public
         address (a /32), discovered over HTTPS. Never defaults to the whole internet.
     :param max_lifetime: seconds after which the instance ends itself whatever happens.
     :param ssh_user: the login user (default: ``ubuntu`` on EC2, ``studioserve`` on GCE).
-    :param disk_gb: boot disk size.
+    :param disk_gb: boot disk size at least (the image's own size wins when it is larger).
     :param network: GCE network for the instance and its firewall rule.
     :param service_account: GCE service account the instance uses to delete itself
-        (``"default"``: the project's default compute account; ``"none"``: no account, so
-        the instance only stops when the server exits and the max-lifetime rule deletes it).
-    :param connect_host: the address SSH and HTTP connect to instead of the instance's public
-        address (an SSH tunnel, a bastion; tests map it to 127.0.0.1).
-    :param ssh_port: the SSH port to connect to.
-    :param host_key: an OpenSSH public host key line to pin instead of reading it from the
-        instance's console (for images whose console does not show it, and tests).
-    :param endpoint_url: the cloud API endpoint (tests: moto or the GCE fake).
-    :param anonymous: GCE only: use anonymous credentials (for a fake API endpoint).
+        (``"default"``: the project's default compute account; ``"create"``: a dedicated
+        least-privilege account studioserve creates once per project; an email: that
+        account; ``"none"``: no account, so the instance cannot delete itself: when the
+        server exits it powers off, and a stopped VM is deleted only by ``studio instances
+        list|stop``; maxRunDuration still deletes it while it runs).
+    :param allow_cpu_fallback: on a GPU instance, warn instead of failing the launch when the
+        framework sees no GPU after the install.
     :param ready_timeout: seconds to wait for ``/readyz`` after starting the server.
     :param ssh_timeout: seconds to wait for the host key and a working SSH login.
-    :param remote_python: the instance's Python that creates the virtualenv.
-    :param remote_dir: where everything goes on the instance (default ``~/studioserve``).
-    :param remote_venv_args: extra ``python -m venv`` arguments.
-    :param remote_pip_args: extra ``pip install`` arguments for the studioserve wheel.
-    :param remote_site_dirs: extra site-packages folders the virtualenv should see.
-    :param remote_requirements: packages installed when TensorFlow/Keras are missing there
-        (None: ``tensorflow[and-cuda]``/``tensorflow-cpu`` and ``keras``; ``()``: none).
-    :param remote_end_command: the shell command run when the server exits (default: the
-        boot script's ``studioserve-end``, which shuts the instance down and deletes it).
-    :param remote_bind_host: the address the server binds on the instance.
-    :param hooks: called before each step as ``hook(step, context)``.
+    :param install_timeout: seconds the remote install may take.
     """
 
     cloud: str
@@ -194,6 +302,7 @@ class CloudOptions:
     instance_type: str | None = None
     machine_type: str | None = None
     accelerator: str | None = None
+    provisioning_model: str | None = None
     region: str | None = None
     subnet: str | None = None
     zone: str | None = None
@@ -205,22 +314,10 @@ class CloudOptions:
     disk_gb: int = 100
     network: str = "default"
     service_account: str = "default"
-    connect_host: str | None = None
-    ssh_port: int = 22
-    host_key: str | None = None
-    endpoint_url: str | None = None
-    anonymous: bool = False
+    allow_cpu_fallback: bool = False
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     ssh_timeout: float = DEFAULT_SSH_TIMEOUT
-    remote_python: str = "python3"
-    remote_dir: str | None = None
-    remote_venv_args: tuple[str, ...] = ()
-    remote_pip_args: tuple[str, ...] = ()
-    remote_site_dirs: tuple[str, ...] = ()
-    remote_requirements: tuple[str, ...] | None = None
-    remote_end_command: str | None = None
-    remote_bind_host: str = "0.0.0.0"
-    hooks: tuple[Hook, ...] = ()
+    install_timeout: float = DEFAULT_INSTALL_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.cloud not in CLOUDS:
@@ -231,9 +328,7 @@ class CloudOptions:
             raise ConfigError("--max-lifetime must be > 0 seconds")
         if self.disk_gb < 10:
             raise ConfigError("the boot disk must be at least 10 GB")
-        if not 1 <= self.ssh_port <= 65535:
-            raise ConfigError(f"SSH port {self.ssh_port} is out of range")
-        if self.ready_timeout <= 0 or self.ssh_timeout <= 0:
+        if self.ready_timeout <= 0 or self.ssh_timeout <= 0 or self.install_timeout <= 0:
             raise ConfigError("timeouts must be > 0 seconds")
         if self.allow_cidr is not None:
             normalize_cidr(self.allow_cidr)
@@ -244,8 +339,23 @@ class CloudOptions:
                 raise ConfigError(
                     f"--subnet {self.subnet!r} is not an EC2 subnet id (subnet-0123456789abcdef0)"
                 )
+        if self.provisioning_model is not None:
+            if self.cloud != "gcloud":
+                raise ConfigError("--provisioning-model is for --cloud gcloud")
+            if self.provisioning_model not in PROVISIONING_MODELS:
+                raise ConfigError(
+                    f"--provisioning-model {self.provisioning_model!r}: use one of "
+                    + ", ".join(PROVISIONING_MODELS)
+                )
         if self.ssh_user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", self.ssh_user):
             raise ConfigError(f"invalid SSH user name {self.ssh_user!r}")
+
+    @property
+    def lease(self) -> float:
+        """Seconds the instance may run before the server is ready: the SSH, install and
+        ready timeouts and a margin, never more than ``max_lifetime``."""
+        total = self.ssh_timeout + self.install_timeout + self.ready_timeout + LEASE_MARGIN
+        return min(total, self.max_lifetime)
 
     def replace(self, **changes: Any) -> CloudOptions:
         return dataclasses.replace(self, **changes)
@@ -290,74 +400,6 @@ def parse_host_keys(text: str) -> list[str]:
     return keys
 
 
-def boot_script(*, deployment_id: str, expires_at: _dt.datetime, end_body: str) -> str:
-    """The boot script (EC2 user data / GCE startup-script): installs the end command and
-    schedules the max-lifetime backstop. It holds no secret: it is readable from the API.
-
-    The backstop is a persistent systemd timer at an absolute UTC time, so it also fires after
-    a reboot; ``shutdown -h +N`` stands in on images without systemd.
-    """
-    when = expires_at.astimezone(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    epoch = int(expires_at.timestamp())
-    return f"""#!/bin/sh
-# studioserve deployment {deployment_id}: end this instance when `studio serve` exits or at
-# {when} at the latest. This script holds no secret.
-cat > {END_SCRIPT} <<'STUDIOSERVE_END'
-#!/bin/sh
-# Ends this instance (studioserve {deployment_id}).
-logger -t studioserve "ending this instance: ${{1:-server exited}}" 2>/dev/null || true
-{end_body.strip()}
-STUDIOSERVE_END
-chmod 755 {END_SCRIPT}
-if command -v systemctl >/dev/null 2>&1; then
-  cat > /etc/systemd/system/studioserve-expire.service <<'EOF'
-[Unit]
-Description=studioserve: end this instance (max lifetime)
-[Service]
-Type=oneshot
-ExecStart={END_SCRIPT} "max lifetime reached"
-EOF
-  cat > /etc/systemd/system/studioserve-expire.timer <<'EOF'
-[Unit]
-Description=studioserve: max lifetime of this instance
-[Timer]
-OnCalendar={when}
-Persistent=true
-[Install]
-WantedBy=timers.target
-EOF
-  systemctl daemon-reload && systemctl enable --now studioserve-expire.timer && exit 0
-fi
-left=$(( ({epoch} - $(date +%s)) / 60 ))
-[ "$left" -lt 1 ] && left=1
-shutdown -h +"$left" "studioserve: max lifetime reached"
-"""
-
-
-def run_script(
-    *,
-    deployment_id: str,
-    remote_dir: str,
-    serve_args: Sequence[str],
-    end_command: str,
-) -> str:
-    """The script started on the instance: run ``studio serve``, then end the instance.
-
-    The token is not in it (``--token-file`` names a 0600 file).
-    """
-    q = shlex.quote
-    serve = " ".join(q(a) for a in serve_args)
-    return f"""#!/bin/sh
-# studioserve deployment {deployment_id}: serve, then end this instance when the server exits.
-cd {q(remote_dir)} || exit 1
-export STUDIO_HOME={q(remote_dir + "/home")}
-{serve}
-status=$?
-echo "studioserve: studio serve exited with status $status; ending the instance"
-{end_command}
-"""
-
-
 class Provider(abc.ABC):
     """One cloud: launch an instance, open its ports, find its host key, delete resources.
 
@@ -377,12 +419,45 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def describe(self) -> dict[str, str | None]:
-        """What :func:`~studioserve.cloud.deploy.list_instances` needs to rebuild this provider:
+        """What :func:`~studioserve.cloud.instances.list_instances` needs to rebuild this provider:
         ``region``, ``zone``, ``project``."""
+
+    def preflight(self) -> None:
+        """Check the choices before anything is created (read-only API calls at most).
+
+        :raises ConfigError: a combination the cloud does not sell or accept, with the fix.
+        :raises CloudError: the cloud refused a read-only lookup (credentials, region).
+        """
+        return None
+
+    @abc.abstractmethod
+    def plan(self, spec: LaunchSpec) -> Plan:
+        """What :meth:`launch` and :meth:`open_ports` would create for ``spec`` (``--dry-run``);
+        read-only API calls at most (the image lookup)."""
+
+    @abc.abstractmethod
+    def gpu(self) -> str | None:
+        """The GPUs of the chosen instance type as ``"COUNTx MODEL"`` (``"1x NVIDIA L4"``),
+        None for a CPU-only type. Derived from the type, not from ``--gpus``."""
 
     @abc.abstractmethod
     def launch(self, spec: LaunchSpec, record: Callable[[Resource], None]) -> InstanceInfo:
-        """Create the instance (and whatever must exist before it); wait until it runs."""
+        """Create the instance (and whatever must exist before it); wait until it runs.
+
+        The boot script (:func:`~studioserve.cloud.scripts.boot_script`) gets ``spec.lease``,
+        and any cloud-side run limit (GCE maxRunDuration) starts at ``spec.lease`` too.
+        """
+
+    def remote_preflight(self) -> str:
+        """A shell script run on the instance over SSH before the upload; a non-zero exit
+        fails the launch with its output (GCE: the instance may delete itself). "" for none."""
+        return ""
+
+    def extend_lifetime(self, instance: InstanceInfo, spec: LaunchSpec) -> str | None:
+        """Once the server is ready: move any cloud-side run limit from ``spec.lease`` to
+        ``spec.max_lifetime`` (the boot timer is moved over SSH by the caller). Returns a
+        summary line, or None when the cloud has no such limit."""
+        return None
 
     @abc.abstractmethod
     def open_ports(
@@ -407,8 +482,13 @@ class Provider(abc.ABC):
         """Every live resource tagged with ``deployment_id``."""
 
     @abc.abstractmethod
-    def delete(self, resource: Resource) -> str:
-        """Delete ``resource`` (waiting until it is gone); returns a summary line."""
+    def delete(self, resource: Resource, *, wait: bool = True) -> str:
+        """Delete ``resource``; returns a summary line.
+
+        :param wait: wait until it is gone (and retry while a dependency still holds it).
+            ``False`` only issues the call (an abandoned rollback): the resource may remain,
+            and the caller records it as left.
+        """
 
     @abc.abstractmethod
     def instance_state(self, instance_id: str) -> str:

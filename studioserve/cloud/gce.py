@@ -1,24 +1,74 @@
-"""Google Compute Engine: the only module that imports google-cloud-compute.
+"""Google Compute Engine: the only module that imports google-cloud-compute and google-auth.
 
 What one deployment creates (names ``studioserve-<hex>``, label ``studioserve=<id>``):
 
 * the instance, with the network tag ``studioserve-<hex>``, the deployment's *public* SSH key
-  in its ``ssh-keys`` metadata, a boot disk that is deleted with it (``autoDelete``), a
-  scheduling rule that deletes it after ``--max-lifetime`` (``maxRunDuration`` with
-  ``instanceTerminationAction=DELETE``), and a startup script (no secrets) whose end command
-  deletes the instance and its firewall rule through the API with the instance's own service
-  account (a token from the metadata server, never a user credential);
+  in its ``ssh-keys`` metadata, a boot disk of ``max(--disk-gb, the image's own size)`` GB
+  (``pd-balanced``; ``hyperdisk-balanced`` on series without Persistent Disk) that is deleted
+  with it (``autoDelete``), a scheduling rule that deletes it after its run limit
+  (``maxRunDuration`` with ``instanceTerminationAction=DELETE``: the launch lease at first,
+  ``--max-lifetime`` once the server is ready), and a startup script (no secrets) whose end
+  command deletes the instance and its firewall rule through the API with the instance's own
+  service account (a token from the metadata server, never a user credential);
 * a firewall rule ``studioserve-<hex>`` on the instance's network, allowing TCP 22 and the
-  serving port from ``--allow-cidr`` only, to instances with that network tag only.
+  serving port from ``--allow-cidr`` only, to instances with that network tag only;
+* with ``--service-account create``, once per project and kept: the account
+  ``studioserve-self-delete@PROJECT.iam.gserviceaccount.com``, a custom role and a conditional
+  grant (:mod:`.gce_iam`).
+
+The service account (``--service-account``) and its trade-off: the instance needs an account
+to delete itself, and any code the model runs can use that account's token too.
+
+* ``default``: the project's default compute account with the compute scope. Nothing to set
+  up, but in most projects that account is an Editor, so the model's code can create, change
+  and delete any Compute Engine resource in the project. Some organisations strip it of
+  ``compute.instances.delete``: the check before the upload then fails the launch.
+* ``create``: a dedicated account whose only rights are deleting ``studioserve-*``
+  instances, disks and firewall rules (an IAM condition on the names). The model's code can
+  at most end studioserve deployments. Creating it needs IAM admin rights once per project.
+* an email: that account (it needs ``compute.instances.delete`` on the instance, and
+  ``compute.firewalls.delete``; you need ``iam.serviceAccounts.actAs`` on it).
+* ``none``: no account, no token on the instance; it cannot delete itself (see below).
+
+How an instance ends: (1) when the server exits, the end command DELETEs the firewall rule and
+the instance (retrying network errors, 429 and 5xx with backoff; a 403 is logged with the role
+to grant), then powers off; (2) the boot timer runs that end command after the launch lease,
+then after ``--max-lifetime``; (3) Compute Engine's maxRunDuration DELETEs the instance while
+it *runs*, even when the instance cannot reach the API; (4) ``studio instances list`` and
+``studio instances stop`` delete what is left. A VM that powered off because its own
+deletion failed is *stopped*, and a stopped VM's termination time is cleared, so (3) never
+deletes it: only (4) does, and its disk is billed until then. Hence the check over SSH before
+the upload (:meth:`GceProvider.remote_preflight`: ``instances.testIamPermissions`` with the
+instance's token).
+
+Provisioning models (``--provisioning-model``): ``standard`` (on demand), ``spot``
+(``provisioningModel=SPOT``, ``instanceTerminationAction=DELETE``: a preemption deletes it)
+and ``flex-start`` (``provisioningModel=FLEX_START``, ``instanceTerminationAction=DELETE``,
+a maxRunDuration of at most 7 days, no automatic restart, ``onHostMaintenance=TERMINATE``,
+and ``reservationAffinity NO_RESERVATION``, as the flex-start VM docs ask). The A3 High shapes
+with 1, 2 or 4 H100s are assumed to be sold only as Spot or Flex-start; a3-highgpu-8g is sold
+on demand (:data:`.gce_catalog.NOT_ON_DEMAND`; what is sold how, and the machine tables, are in
+:mod:`.gce_catalog`).
+
+Moving the run limit on a running VM: the API reference says ``instances.setScheduling`` "can
+only be called on a stopped instance", so :meth:`GceProvider.extend_lifetime` uses
+``instances.update`` (PUT of the instance as just read, with its fingerprint and the new
+``scheduling.maxRunDuration``) with ``mostDisruptiveAllowedAction=REFRESH``: the assumption
+is that Compute Engine applies a new run duration to a running VM without restarting it (the
+"limit VM runtime" page says the run time of existing VMs can be changed); should it need a
+restart, the call fails instead of restarting the server, and the instance still ends at
+the end of the launch lease. The duration counts from the VM's start, as the boot timer does.
 
 API calls go through the REST transport; long-running operations are awaited with explicit
 ``ZoneOperationsClient.wait`` / ``GlobalOperationsClient.wait`` calls (``operation.result()``
-polls through a client that ignores a custom API endpoint).
+polls through a client that ignores a custom API endpoint), looping while they are PENDING or
+RUNNING (``wait`` returns after at most two minutes even when not done).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +78,7 @@ import google.auth
 import google.auth.credentials
 import google.auth.exceptions
 from google.api_core.client_options import ClientOptions
+from google.auth.transport.requests import AuthorizedSession
 from google.cloud import compute_v1
 
 from ..errors import CloudError, ConfigError
@@ -36,143 +87,65 @@ from .base import (
     CloudOptions,
     InstanceInfo,
     LaunchSpec,
+    Overrides,
+    Plan,
     Provider,
     Resource,
-    boot_script,
     parse_host_keys,
 )
+from .gce_catalog import (
+    API_PROVISIONING,
+    CPU_IMAGE,
+    CREDENTIALS_HINT,
+    DEFAULT_ZONE,
+    FORBIDDEN_HINT,
+    GPU_IMAGE,
+    INSTANCE_STATES,
+    PROVISIONING_NOTES,
+    ImageDetails,
+    check_run_duration,
+    check_sold,
+    choose_machine,
+    disk_type_for,
+    error_hint,
+    format_duration,
+    gpu_description,
+    host_maintenance,
+    parse_image,
+    price_note,
+    price_per_hour,
+)
+from .gce_iam import CRM_URL, IAM_URL, IamClient, account_email
+from .gce_scripts import (
+    DEFAULT_API_URL,
+    DEFAULT_METADATA_URL,
+    end_body,
+    no_account_note,
+    note_script,
+    preflight_script,
+)
+from .scripts import boot_script
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ZONE = "us-central1-a"
-GPU_IMAGE = (
-    "projects/deeplearning-platform-release/global/images/family/"
-    "common-cu129-ubuntu-2404-nvidia-580"
-)
-CPU_IMAGE = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2404-lts-amd64"
-CPU_MACHINE_TYPE = "n2-standard-4"
-DEFAULT_ACCELERATOR = "nvidia-l4"
+#: the OAuth scope the instance's service account gets
 COMPUTE_SCOPE = "https://www.googleapis.com/auth/compute"
-
-#: accelerator-optimized families: the GPUs come with the machine type
-BUILT_IN_GPUS: dict[str, dict[int, str]] = {
-    "nvidia-l4": {
-        1: "g2-standard-4",
-        2: "g2-standard-24",
-        4: "g2-standard-48",
-        8: "g2-standard-96",
-    },
-    "nvidia-tesla-a100": {
-        1: "a2-highgpu-1g",
-        2: "a2-highgpu-2g",
-        4: "a2-highgpu-4g",
-        8: "a2-highgpu-8g",
-        16: "a2-megagpu-16g",
-    },
-    "nvidia-a100-80gb": {
-        1: "a2-ultragpu-1g",
-        2: "a2-ultragpu-2g",
-        4: "a2-ultragpu-4g",
-        8: "a2-ultragpu-8g",
-    },
-    "nvidia-h100-80gb": {
-        1: "a3-highgpu-1g",
-        2: "a3-highgpu-2g",
-        4: "a3-highgpu-4g",
-        8: "a3-highgpu-8g",
-    },
-}
-#: GPUs attached to an N1 machine: {GPUs: machine type}
-N1_ATTACHED: dict[int, str] = {
-    1: "n1-standard-8",
-    2: "n1-standard-16",
-    4: "n1-standard-32",
-    8: "n1-standard-64",
-}
-N1_ACCELERATORS = ("nvidia-tesla-t4", "nvidia-tesla-v100", "nvidia-tesla-p4", "nvidia-tesla-p100")
-_BUILT_IN_PREFIXES = ("g2-", "a2-", "a3-", "a4-", "g4-")
-
-#: the end command: delete the firewall rule and the instance through the API with the
-#: instance's own service account, then power off (if the API call failed, the VM at least
-#: stops and the max-run-duration rule or ``studio instances list`` deletes it)
-END_BODY = r"""python3 - <<'PY' || true
-import json, urllib.request
-md = "http://metadata.google.internal/computeMetadata/v1/"
-def get(path):
-    req = urllib.request.Request(md + path, headers={"Metadata-Flavor": "Google"})
-    return urllib.request.urlopen(req, timeout=10).read().decode()
-token = json.loads(get("instance/service-accounts/default/token"))["access_token"]
-auth = {"Authorization": "Bearer " + token}
-base = "https://compute.googleapis.com/compute/v1/projects/" + get("project/project-id")
-name = get("instance/name")
-zone = get("instance/zone").rsplit("/", 1)[-1]
-for url in (base + "/global/firewalls/" + name, base + "/zones/" + zone + "/instances/" + name):
-    try:
-        req = urllib.request.Request(url, method="DELETE", headers=auth)
-        urllib.request.urlopen(req, timeout=30).read()
-    except Exception as e:
-        print("studioserve: DELETE", url, "failed:", e)
-PY
-sleep 120
-shutdown -h now "studioserve: ending"
-"""
-
-
-def choose_machine(
-    gpus: int, accelerator: str | None = None, machine_type: str | None = None
-) -> tuple[str, str | None, int]:
-    """``(machine type, attached accelerator type or None, attached count)`` for ``gpus``.
-
-    G2/A2/A3 machine types include their GPUs; N1 machines get T4/V100/... attached.
-
-    :raises ConfigError: no machine of that kind has that many GPUs.
-    """
-    acc = accelerator.lower() if accelerator else None
-    if machine_type:
-        if gpus > 0 and machine_type.startswith("n1-"):
-            return machine_type, acc or "nvidia-tesla-t4", gpus
-        return machine_type, None, 0
-    if gpus == 0:
-        return CPU_MACHINE_TYPE, None, 0
-    acc = acc or DEFAULT_ACCELERATOR
-    if acc in BUILT_IN_GPUS:
-        table, attached = BUILT_IN_GPUS[acc], False
-    elif acc in N1_ACCELERATORS:
-        table, attached = N1_ATTACHED, True
-    else:
-        raise ConfigError(
-            f"unknown GCE accelerator {accelerator!r}; use one of "
-            f"{', '.join([*BUILT_IN_GPUS, *N1_ACCELERATORS])} or pass --machine-type"
-        )
-    for count in sorted(table):
-        if count >= gpus:
-            if count != gpus:
-                logger.info("no %s machine has exactly %d GPUs; using %d", acc, gpus, count)
-            return (table[count], acc, count) if attached else (table[count], None, 0)
-    raise ConfigError(f"no {acc} machine has {gpus} GPUs (at most {max(table)}); use fewer --gpus")
-
-
-def _hint(text: str) -> str:
-    upper = text.upper()
-    if "QUOTA" in upper:
-        return (
-            "; the project's quota is exhausted: request more (IAM & Admin > Quotas), "
-            "or try another --zone"
-        )
-    if "RESOURCE_POOL_EXHAUSTED" in upper or "DOES NOT HAVE ENOUGH RESOURCES" in upper:
-        return "; the zone has no capacity for this machine now: try another --zone"
-    return ""
+#: how long the instance's check waits for a grant made moments ago to take effect
+#: (IAM changes usually take effect within minutes); stays under the check's SSH timeout
+FRESH_GRANT_WAIT = 240.0
+#: the end command's body with the real metadata server and API (what a launch installs
+#: unless ``Overrides`` point elsewhere; :func:`~studioserve.cloud.gce_scripts.end_body`)
+END_BODY = end_body()
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 
 
 def _cloud_error(action: str, e: Exception) -> CloudError:
     text = str(e)
-    hint = _hint(text)
+    hint = error_hint(text)
     if isinstance(e, google.auth.exceptions.DefaultCredentialsError):
-        hint = "; run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+        hint = CREDENTIALS_HINT
     elif not hint and isinstance(e, gexc.Forbidden):
-        hint = (
-            "; check that the Compute Engine API is enabled and your account may create instances"
-        )
+        hint = FORBIDDEN_HINT
     return CloudError(f"GCE {action} failed: {text}{hint}")
 
 
@@ -182,17 +155,24 @@ def _status(op: Any) -> str:
 
 
 class GceProvider(Provider):
-    """Compute Engine in one project and zone."""
+    """Compute Engine in one project and zone.
+
+    :param overrides: ``endpoint_url`` and ``anonymous`` point the API clients (and the
+        instance's own scripts) elsewhere; ``metadata_url`` the instance's scripts' metadata
+        server; ``poll_interval`` the seconds between polls; ``remote_python`` the Python the
+        check on the instance runs with.
+    """
 
     cloud = "gcloud"
     default_ssh_user = "studioserve"
 
-    def __init__(self, options: CloudOptions, *, poll_interval: float = 5.0) -> None:
+    def __init__(self, options: CloudOptions, overrides: Overrides | None = None) -> None:
         self._options = options
-        self._poll = poll_interval
+        self._overrides = overrides or Overrides()
+        self._poll = self._overrides.poll_interval
         credentials: google.auth.credentials.Credentials | None
         project = options.project
-        if options.anonymous:
+        if self._overrides.anonymous:
             credentials = google.auth.credentials.AnonymousCredentials()  # type: ignore[no-untyped-call]
         else:
             try:
@@ -208,13 +188,25 @@ class GceProvider(Provider):
             )
         self.project: str = project
         self.zone: str = options.zone or DEFAULT_ZONE
+        self._credentials = credentials
+        endpoint = self._overrides.endpoint_url
         kwargs: dict[str, Any] = {"credentials": credentials, "transport": "rest"}
-        if options.endpoint_url:
-            kwargs["client_options"] = ClientOptions(api_endpoint=options.endpoint_url)
+        if endpoint:
+            kwargs["client_options"] = ClientOptions(api_endpoint=endpoint)
         self.instances = compute_v1.InstancesClient(**kwargs)
         self.firewalls = compute_v1.FirewallsClient(**kwargs)
+        self.images = compute_v1.ImagesClient(**kwargs)
         self.zone_ops = compute_v1.ZoneOperationsClient(**kwargs)
         self.global_ops = compute_v1.GlobalOperationsClient(**kwargs)
+        self._iam_url = endpoint or IAM_URL
+        self._crm_url = endpoint or CRM_URL
+        #: what the instance's scripts call (the same API, seen from the instance)
+        self._api_url = endpoint or DEFAULT_API_URL
+        self._metadata_url = self._overrides.metadata_url or DEFAULT_METADATA_URL
+        self._image: ImageDetails | None = None
+        self._checked = False
+        #: the dedicated account's grant was made by this launch (it may still propagate)
+        self._fresh_grant = False
 
     @property
     def location(self) -> str:
@@ -231,6 +223,10 @@ class GceProvider(Provider):
     # -- operations -------------------------------------------------------------------------
 
     def _wait(self, operation: Any, *, zonal: bool, timeout: float = 900.0) -> None:
+        """Wait until ``operation`` is DONE (``wait`` may answer PENDING or RUNNING first).
+
+        :raises CloudError: it finished with an error, or not within ``timeout`` seconds.
+        """
         name = operation.name
         deadline = time.monotonic() + timeout
         while True:
@@ -241,31 +237,217 @@ class GceProvider(Provider):
             if _status(op) == "DONE":
                 if op.error and op.error.errors:
                     messages = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
-                    raise CloudError(f"operation {name} failed: {messages}{_hint(messages)}")
+                    hint = error_hint(messages)
+                    raise CloudError(f"operation {name} failed: {messages}{hint}")
                 return
             if time.monotonic() > deadline:
                 raise CloudError(f"operation {name} did not finish within {timeout:g}s")
+            time.sleep(min(self._poll, 1.0))
 
-    # -- launch -----------------------------------------------------------------------------
+    # -- choices ----------------------------------------------------------------------------
 
     def machine(self) -> tuple[str, str | None, int]:
+        """``(machine type, attached accelerator or None, attached count)``."""
         return choose_machine(
             self._options.gpus, self._options.accelerator, self._options.machine_type
         )
 
+    def provisioning(self) -> str:
+        """``standard``, ``spot`` or ``flex-start``."""
+        return self._options.provisioning_model or "standard"
+
+    def gpu(self) -> str | None:
+        machine_type, accelerator, count = self.machine()
+        return gpu_description(machine_type, accelerator, count)
+
     def image(self) -> str:
+        """The image (or image family) URL the instance boots."""
         if self._options.image:
             return self._options.image
-        return GPU_IMAGE if self._options.gpus > 0 else CPU_IMAGE
+        return GPU_IMAGE if self.gpu() is not None else CPU_IMAGE
+
+    def image_details(self) -> ImageDetails:
+        """The image's name and size, looked up once (``images.get`` /
+        ``images.getFromFamily``).
+
+        :raises ConfigError: there is no such image.
+        """
+        if self._image is not None:
+            return self._image
+        ref = self.image()
+        project, family, name = parse_image(ref, self.project)
+        try:
+            if family:
+                got = self.images.get_from_family(project=project, family=family)
+            else:
+                got = self.images.get(project=project, image=name)
+        except gexc.NotFound as e:
+            raise ConfigError(
+                f"GCE image {ref} not found ({e.message}); check --image (a family is "
+                "projects/PROJECT/global/images/family/FAMILY)"
+            ) from e
+        except gexc.GoogleAPICallError as e:
+            raise _cloud_error(f"looking up the image {ref}", e) from e
+        self._image = ImageDetails(ref=ref, name=got.name, disk_size_gb=int(got.disk_size_gb))
+        return self._image
+
+    def disk_gb(self) -> int:
+        """The boot disk's size: ``--disk-gb``, or the image's own size when it is larger."""
+        size = self.image_details().disk_size_gb
+        if size > self._options.disk_gb:
+            logger.info(
+                "the image %s needs a %d GB disk; using that instead of %d GB",
+                self.image_details().name,
+                size,
+                self._options.disk_gb,
+            )
+        return max(self._options.disk_gb, size)
+
+    def _account_choice(self) -> str:
+        account = self._options.service_account
+        if account in ("default", "create", "none") or _EMAIL.fullmatch(account):
+            return account
+        raise ConfigError(
+            f"--service-account {account!r}: use default, create, none or an account's email"
+        )
+
+    def preflight(self) -> None:
+        """Refuse what GCE would not sell or accept, before anything is created: the machine
+        and the provisioning model, the run limits (30 s to 120 days; flex-start 7 days), the
+        service account choice, and the image (read-only lookup).
+
+        :raises ConfigError: with the fix.
+        """
+        machine_type, _, _ = self.machine()
+        provisioning = self.provisioning()
+        check_sold(machine_type, provisioning)
+        check_run_duration(self._options.lease, "the launch lease", provisioning)
+        check_run_duration(self._options.max_lifetime, "--max-lifetime", provisioning)
+        if self._account_choice() == "none":
+            logger.warning("%s", no_account_note())
+        self.image_details()
+        self._checked = True
+
+    def plan(self, spec: LaunchSpec) -> Plan:
+        if not self._checked:
+            self.preflight()
+        name = self.resource_name(spec.deployment_id)
+        machine_type, accelerator, count = self.machine()
+        provisioning = self.provisioning()
+        lease = check_run_duration(spec.lease, "the launch lease", provisioning)
+        lifetime = check_run_duration(spec.max_lifetime, "--max-lifetime", provisioning)
+        image = self.image_details()
+        gpu = self.gpu()
+        attached = f" + {count}x {accelerator}" if accelerator else ""
+        account = self._account_choice()
+        email = {
+            "default": "the project's default compute account",
+            "create": account_email(self.project),
+            "none": "no service account",
+        }.get(account, account)
+        scheduling = (
+            f"provisioning {API_PROVISIONING[provisioning]}, maxRunDuration {lease}s "
+            f"(then {lifetime}s once ready) then DELETE, onHostMaintenance "
+            f"{host_maintenance(bool(gpu), provisioning)}"
+        )
+        creates = [
+            f"instance {name} in {self.zone}: {machine_type}{attached}, {self.disk_gb()} GB "
+            f"{disk_type_for(machine_type)} boot disk (deleted with it), {scheduling}; "
+            f"service account: {email}" + (" (compute scope)" if account != "none" else ""),
+            f"firewall rule {name} on network {self._options.network}: INGRESS TCP 22 and "
+            f"{spec.port} from {spec.allow_cidr} only, to instances tagged {name}",
+        ]
+        notes: list[str] = []
+        if account == "create":
+            exists = self._iam().exists()
+            if exists is not True:
+                creates.append(
+                    f"once per project (kept for later deployments): service account "
+                    f"{account_email(self.project)}, custom role "
+                    f"projects/{self.project}/roles/studioserveSelfDelete (delete instances, "
+                    "disks and firewall rules), granted on the project for studioserve-* "
+                    "resources only"
+                    + (" (could not tell whether they exist)" if exists is None else "")
+                )
+        elif account == "default":
+            notes.append(
+                "the default compute account is an Editor in most projects: the model's code "
+                "can use its token; --service-account create limits it to self-deletion"
+            )
+        backstops = [
+            "when the server exits: the instance DELETEs its firewall rule and itself through "
+            "the API (retried), else powers off",
+            f"boot timer: ends the instance {format_duration(lease)} after its first boot, "
+            f"{format_duration(lifetime)} once the server is ready (--max-lifetime)",
+            f"GCE maxRunDuration: Compute Engine DELETEs the running instance after "
+            f"{format_duration(lease)}, then {format_duration(lifetime)} (even if it cannot "
+            "reach the API; not once it is stopped)",
+            "`studio instances list` / `studio instances stop` delete what is left (a stopped "
+            "instance, its disk, the firewall rule)",
+        ]
+        if account == "none":
+            notes.append(no_account_note().removeprefix("studioserve: "))
+        if provisioning in PROVISIONING_NOTES:
+            notes.append(PROVISIONING_NOTES[provisioning])
+        price = price_per_hour(machine_type, accelerator, count, provisioning)
+        notes.append(price_note(self.disk_gb() if price is not None else None))
+        return Plan(
+            cloud=self.cloud,
+            location=self.zone,
+            instance_type=machine_type + attached,
+            gpu=gpu,
+            image=f"{image.ref} ({image.name}, {image.disk_size_gb} GB)",
+            price_per_hour=price,
+            creates=tuple(creates),
+            backstops=tuple(backstops),
+            notes=tuple(notes),
+        )
+
+    # -- service account --------------------------------------------------------------------
+
+    def _iam(self) -> IamClient:
+        session = AuthorizedSession(self._credentials)  # type: ignore[no-untyped-call]
+        return IamClient(
+            session, self.project, iam_url=self._iam_url, crm_url=self._crm_url, backoff=self._poll
+        )
+
+    def _service_account(self) -> tuple[str | None, bool]:
+        """``(email or None, created just now)``; ``create`` makes what is missing."""
+        account = self._account_choice()
+        if account == "none":
+            return None, False
+        if account != "create":
+            return account, False
+        made = self._iam().ensure()
+        self._fresh_grant = bool(made.created)
+        return made.email, "service account" in made.created
+
+    # -- launch -----------------------------------------------------------------------------
+
+    def _scheduling(self, seconds: int, gpu: bool) -> compute_v1.Scheduling:
+        provisioning = self.provisioning()
+        return compute_v1.Scheduling(
+            on_host_maintenance=host_maintenance(gpu, provisioning),
+            automatic_restart=False,
+            provisioning_model=API_PROVISIONING[provisioning],
+            instance_termination_action="DELETE",
+            max_run_duration=compute_v1.Duration(seconds=seconds),
+        )
 
     def launch(self, spec: LaunchSpec, record: Callable[[Resource], None]) -> InstanceInfo:
         name = self.resource_name(spec.deployment_id)
         machine_type, accelerator, count = self.machine()
-        has_gpu = self._options.gpus > 0 or machine_type.startswith(_BUILT_IN_PREFIXES)
-        image = self.image()
+        provisioning = self.provisioning()
+        check_sold(machine_type, provisioning)
+        lease = check_run_duration(spec.lease, "the launch lease", provisioning)
+        has_gpu = self.gpu() is not None
+        image = self.image_details()
+        disk_gb = self.disk_gb()
         labels = {TAG_KEY: spec.deployment_id}
         script = boot_script(
-            deployment_id=spec.deployment_id, expires_at=spec.expires_at, end_body=END_BODY
+            deployment_id=spec.deployment_id,
+            lease=spec.lease,
+            end_body=end_body(metadata_url=self._metadata_url, api_url=self._api_url),
         )
         metadata = {
             "ssh-keys": f"{spec.ssh_user}:{spec.public_key}",
@@ -276,7 +458,6 @@ class GceProvider(Provider):
         }
         if has_gpu:
             metadata["install-nvidia-driver"] = "True"
-        lifetime = max(30, int((spec.expires_at - spec.created_at).total_seconds()))
         network = self._options.network
         instance = compute_v1.Instance(
             name=name,
@@ -289,7 +470,10 @@ class GceProvider(Provider):
                     boot=True,
                     auto_delete=True,
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
-                        source_image=image, disk_size_gb=self._options.disk_gb, labels=labels
+                        source_image=image.ref,
+                        disk_size_gb=disk_gb,
+                        disk_type=f"zones/{self.zone}/diskTypes/{disk_type_for(machine_type)}",
+                        labels=labels,
                     ),
                 )
             ],
@@ -304,14 +488,12 @@ class GceProvider(Provider):
             metadata=compute_v1.Metadata(
                 items=[compute_v1.Items(key=k, value=v) for k, v in metadata.items()]
             ),
-            scheduling=compute_v1.Scheduling(
-                on_host_maintenance="TERMINATE" if has_gpu else "MIGRATE",
-                automatic_restart=False,
-                provisioning_model="STANDARD",
-                instance_termination_action="DELETE",
-                max_run_duration=compute_v1.Duration(seconds=lifetime),
-            ),
+            scheduling=self._scheduling(lease, has_gpu),
         )
+        if provisioning == "flex-start":
+            instance.reservation_affinity = compute_v1.ReservationAffinity(
+                consume_reservation_type="NO_RESERVATION"
+            )
         if accelerator:
             instance.guest_accelerators = [
                 compute_v1.AcceleratorConfig(
@@ -319,18 +501,22 @@ class GceProvider(Provider):
                     accelerator_type=f"projects/{self.project}/zones/{self.zone}/acceleratorTypes/{accelerator}",
                 )
             ]
-        if self._options.service_account != "none":
+        email, new_account = self._service_account()
+        if email is not None:
             instance.service_accounts = [
-                compute_v1.ServiceAccount(
-                    email=self._options.service_account, scopes=[COMPUTE_SCOPE]
-                )
+                compute_v1.ServiceAccount(email=email, scopes=[COMPUTE_SCOPE])
             ]
         try:
-            op = self.instances.insert(
-                project=self.project, zone=self.zone, instance_resource=instance
-            )
+            op = self._insert(instance, email if new_account else None)
             record(Resource("instance", name, self.zone))
-            logger.info("launching GCE %s %s (%s) in %s", machine_type, name, image, self.zone)
+            logger.info(
+                "launching GCE %s %s (%s, %s) in %s",
+                machine_type,
+                name,
+                image.name,
+                API_PROVISIONING[provisioning],
+                self.zone,
+            )
             self._wait(op, zonal=True)
             got = self._wait_running(name)
         except gexc.GoogleAPICallError as e:
@@ -346,8 +532,25 @@ class GceProvider(Provider):
             private_ip=(nic.network_i_p or None) if nic is not None else None,
             location=self.zone,
             instance_type=machine_type + (f" + {count}x {accelerator}" if accelerator else ""),
-            image=image,
+            image=image.ref,
         )
+
+    def _insert(self, instance: compute_v1.Instance, new_account: str | None) -> Any:
+        """``instances.insert``; with an account created moments ago, retried while the API
+        does not know it yet (400/404 naming it)."""
+        attempts = 6 if new_account else 1
+        for attempt in range(attempts):
+            try:
+                return self.instances.insert(
+                    project=self.project, zone=self.zone, instance_resource=instance
+                )
+            except (gexc.BadRequest, gexc.NotFound) as e:
+                if new_account is None or new_account not in str(e) or attempt + 1 == attempts:
+                    raise
+                delay = self._poll * 2**attempt
+                logger.info("the new service account is not visible yet; retrying in %gs", delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _wait_running(self, name: str, timeout: float = 900.0) -> compute_v1.Instance:
         deadline = time.monotonic() + timeout
@@ -363,6 +566,57 @@ class GceProvider(Provider):
             if time.monotonic() > deadline:
                 raise CloudError(f"GCE instance {name} did not start within {timeout:g}s")
             time.sleep(self._poll)
+
+    def remote_preflight(self) -> str:
+        """The check over SSH: may the instance's account delete the instance (and its
+        firewall rule)? See :func:`~studioserve.cloud.gce_scripts.preflight_script`. With
+        ``--service-account none`` it only says how the instance still ends."""
+        if self._account_choice() == "none":
+            return note_script(no_account_note())
+        return preflight_script(
+            metadata_url=self._metadata_url,
+            api_url=self._api_url,
+            wait=FRESH_GRANT_WAIT if self._fresh_grant else 0.0,
+            backoff=min(self._poll, 2.0),
+            python=self._overrides.remote_python,
+        )
+
+    def extend_lifetime(self, instance: InstanceInfo, spec: LaunchSpec) -> str | None:
+        """Move maxRunDuration from ``spec.lease`` to ``spec.max_lifetime`` on the running
+        instance: ``instances.update`` with ``mostDisruptiveAllowedAction=REFRESH`` (never a
+        restart; see the module docstring for why not ``setScheduling``).
+
+        :raises CloudError: the API refused (the instance then ends after the lease).
+        """
+        seconds = check_run_duration(spec.max_lifetime, "--max-lifetime", self.provisioning())
+        name = instance.instance_id
+        before = int(spec.lease)
+        try:
+            got = self.instances.get(project=self.project, zone=self.zone, instance=name)
+            before = int(got.scheduling.max_run_duration.seconds) or before
+            if before == seconds:
+                return None
+            got.scheduling.max_run_duration = compute_v1.Duration(seconds=seconds)
+            op = self.instances.update(
+                request=compute_v1.UpdateInstanceRequest(
+                    project=self.project,
+                    zone=self.zone,
+                    instance=name,
+                    instance_resource=got,
+                    most_disruptive_allowed_action="REFRESH",
+                )
+            )
+            self._wait(op, zonal=True)
+        except gexc.GoogleAPICallError as e:
+            raise _cloud_error(
+                f"extending the max run duration of {name} to {seconds}s (it still ends "
+                f"{before}s after its start)",
+                e,
+            ) from e
+        return (
+            f"GCE maxRunDuration of {name}: {format_duration(before)} -> "
+            f"{format_duration(seconds)} after its start (then Compute Engine deletes it)"
+        )
 
     def open_ports(
         self, spec: LaunchSpec, instance: InstanceInfo, record: Callable[[Resource], None]
@@ -448,16 +702,22 @@ class GceProvider(Provider):
             raise _cloud_error("listing resources", e) from e
         return found
 
-    def delete(self, resource: Resource) -> str:
+    def delete(self, resource: Resource, *, wait: bool = True) -> str:
+        """Delete an instance (with its boot disk) or a firewall rule; with ``wait=False``
+        only issue the call."""
         try:
             if resource.kind == "instance":
                 op = self.instances.delete(
                     project=self.project, zone=self.zone, instance=resource.id
                 )
+                if not wait:
+                    return f"deleting GCE instance {resource.id} in {self.zone} (not waited for)"
                 self._wait(op, zonal=True)
                 return f"deleted GCE instance {resource.id} in {self.zone} (and its boot disk)"
             if resource.kind == "firewall":
                 op = self.firewalls.delete(project=self.project, firewall=resource.id)
+                if not wait:
+                    return f"deleting firewall rule {resource.id} (not waited for)"
                 self._wait(op, zonal=False)
                 return f"deleted firewall rule {resource.id} in project {self.project}"
         except gexc.NotFound:
@@ -473,14 +733,4 @@ class GceProvider(Provider):
             return "gone"
         except gexc.GoogleAPICallError as e:
             raise _cloud_error("describing the instance", e) from e
-        return {
-            "PROVISIONING": "pending",
-            "STAGING": "pending",
-            "RUNNING": "running",
-            "STOPPING": "stopping",
-            "SUSPENDING": "stopping",
-            "REPAIRING": "running",
-            "STOPPED": "stopped",
-            "SUSPENDED": "stopped",
-            "TERMINATED": "stopped",
-        }.get(_status(got), "running")
+        return INSTANCE_STATES.get(_status(got), "running")

@@ -195,12 +195,17 @@ def test_serve_help_shows_servecfg_defaults(runner: CliRunner) -> None:
         ("--allow-cidr", "10.0.0.0/8"),
         ("--max-lifetime", "120"),
         ("--ssh-user", "ubuntu"),
+        ("--disk-gb", "200"),
+        ("--provisioning-model", "spot"),
+        ("--service-account", "create"),
+        ("--allow-cpu-fallback", None),
+        ("--dry-run", None),
     ],
 )
 def test_each_cloud_only_option_without_cloud_is_a_usage_error(
-    runner: CliRunner, option: str, value: str
+    runner: CliRunner, option: str, value: str | None
 ) -> None:
-    r = runner.invoke(main, ["serve", "k", option, value])
+    r = runner.invoke(main, ["serve", "k", option, *([value] if value else [])])
     assert r.exit_code == 2
     assert "Usage: " in r.stderr
     assert f"Error: {option} need(s) --cloud ec2|gcloud" in r.stderr
@@ -214,6 +219,10 @@ def test_cloud_args_map_to_cloud_options() -> None:
     assert (options.cloud, options.gpus, options.max_lifetime) == ("ec2", 1, DEFAULT_MAX_LIFETIME)
     options = CloudArgs(cloud="gcloud", gpus=0, zone="z", max_lifetime=120.0).options()
     assert (options.gpus, options.zone, options.max_lifetime) == (0, "z", 120.0)
+    options = CloudArgs(
+        cloud="gcloud", provisioning_model="spot", allow_cpu_fallback=True, dry_run=True
+    ).options()
+    assert (options.provisioning_model, options.allow_cpu_fallback) == ("spot", True)
 
 
 def test_a_library_error_is_one_line_on_stderr_and_exit_1(

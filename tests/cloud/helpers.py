@@ -23,6 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from studioserve.cloud.base import Overrides
+
 SSHD = "/usr/sbin/sshd"
 
 needs_sshd = pytest.mark.skipif(
@@ -155,17 +157,30 @@ class Sshd:
 
 
 def local_instance_options(sshd: Sshd, remote_dir: Path, end_marker: Path) -> dict[str, Any]:
-    """CloudOptions fields that make this machine the "instance": SSH and HTTP go to
-    127.0.0.1, the virtualenv sees this test environment's packages (no downloads), the
-    server binds loopback, and "ending the instance" writes ``end_marker`` instead of
-    powering anything off."""
-    site = sysconfig.get_path("purelib")
+    """CloudOptions fields for a launch onto this machine: the allowed CIDR (no address
+    lookup), short timeouts, and a warning instead of a failure for the missing GPU."""
+    del remote_dir, end_marker
     return {
+        "ssh_user": sshd.user,
+        "allow_cidr": "198.51.100.7/32",
+        "allow_cpu_fallback": True,
+        "ssh_timeout": 30.0,
+        "ready_timeout": 120.0,
+    }
+
+
+def local_instance_overrides(
+    sshd: Sshd, remote_dir: Path, end_marker: Path, **changes: Any
+) -> Overrides:
+    """Overrides that make this machine the "instance": SSH and HTTP go to 127.0.0.1, the
+    virtualenv sees this test environment's packages (no downloads), the server binds
+    loopback, "ending the instance" writes ``end_marker`` instead of powering anything off,
+    and moving the backstop timer appends its seconds to ``end_marker.lifetime``."""
+    site = sysconfig.get_path("purelib")
+    lifetime = end_marker.with_name(end_marker.name + ".lifetime")
+    fields: dict[str, Any] = {
         "connect_host": "127.0.0.1",
         "ssh_port": sshd.port,
-        "ssh_user": sshd.user,
-        "host_key": None,
-        "allow_cidr": "198.51.100.7/32",
         "remote_python": sys.executable,
         "remote_dir": str(remote_dir),
         "remote_venv_args": ("--without-pip",),
@@ -173,10 +188,12 @@ def local_instance_options(sshd: Sshd, remote_dir: Path, end_marker: Path) -> di
         "remote_site_dirs": (site,),
         "remote_requirements": (),
         "remote_end_command": f"echo ended > {end_marker}",
+        "remote_lifetime_command": f"echo {{seconds}} >> {lifetime}",
         "remote_bind_host": "127.0.0.1",
-        "ssh_timeout": 30.0,
-        "ready_timeout": 120.0,
+        "poll_interval": 0.05,
     }
+    fields.update(changes)
+    return Overrides(**fields)
 
 
 def save_model(modeldir: Path, keras_mlp_factory: Any) -> Path:

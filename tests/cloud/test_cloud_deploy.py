@@ -4,13 +4,16 @@ lookup, and the package's import hygiene. No cloud and no SSH here."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
+import time
 import types
 import zipfile
 from collections.abc import Iterator
@@ -19,26 +22,27 @@ from pathlib import Path
 import pytest
 
 import studioserve.cloud
-from studioserve.cloud import CloudOptions, Deployment, Resource, deploy, stop_instances
-from studioserve.cloud.base import (
+from studioserve.cloud import (
+    CloudOptions,
+    Deployment,
+    Overrides,
+    Resource,
+    deploy,
+    stop_instances,
+)
+from studioserve.cloud.base import deletion_order, normalize_cidr, parse_host_keys
+from studioserve.cloud.network import detect_public_cidr
+from studioserve.cloud.payload import resolve_wrapper, serve_args
+from studioserve.cloud.registry import InstanceRecord, Registry, registry_path
+from studioserve.cloud.scripts import (
     boot_script,
-    deletion_order,
-    normalize_cidr,
-    parse_host_keys,
+    default_end_command,
+    install_script,
+    parse_python_version,
+    requirements_for,
     run_script,
 )
-from studioserve.cloud.deploy import (
-    InstanceRecord,
-    _default_end_command,
-    _install_script,
-    _Registry,
-    _resolve_wrapper,
-    _serve_args,
-    apply_env_overrides,
-    build_wheel,
-    detect_public_cidr,
-    registry_path,
-)
+from studioserve.cloud.wheel import build_wheel
 from studioserve.config import ServeConfig
 from studioserve.errors import CloudError, ConfigError, InvalidKey
 
@@ -90,8 +94,10 @@ def test_allow_cidr_is_normalized(value: str, expected: str) -> None:
         ({"max_lifetime": 0}, "--max-lifetime"),
         ({"allow_cidr": "everyone"}, "--allow-cidr"),
         ({"ssh_user": "root; rm -rf /"}, "SSH user"),
-        ({"ssh_port": 0}, "SSH port"),
         ({"disk_gb": 5}, "boot disk"),
+        ({"install_timeout": 0}, "timeouts"),
+        ({"provisioning_model": "spot"}, "--provisioning-model is for --cloud gcloud"),
+        ({"cloud": "gcloud", "provisioning_model": "cheap"}, "--provisioning-model 'cheap'"),
     ],
 )
 def test_bad_options_say_what_to_fix(changes: dict[str, object], message: str) -> None:
@@ -100,22 +106,28 @@ def test_bad_options_say_what_to_fix(changes: dict[str, object], message: str) -
         CloudOptions(**fields)  # type: ignore[arg-type]
 
 
-def test_test_seams_come_from_the_environment_only_for_defaults(
-    monkeypatch: pytest.MonkeyPatch,
+def test_test_seams_are_explicit_overrides_never_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("STUDIOSERVE_CONNECT_HOST", "127.0.0.1")
-    monkeypatch.setenv("STUDIOSERVE_SSH_PORT", "2222")
-    monkeypatch.setenv("STUDIOSERVE_REMOTE_SITE_DIRS", "/a:/b")
-    monkeypatch.setenv("STUDIOSERVE_REMOTE_PIP_ARGS", "--no-deps --no-index")
-    monkeypatch.setenv("STUDIOSERVE_REMOTE_REQUIREMENTS", "")
-    monkeypatch.setenv("STUDIOSERVE_GCE_ANONYMOUS", "1")
-    opts = apply_env_overrides(CloudOptions(cloud="gcloud", ssh_port=2200))
-    assert opts.connect_host == "127.0.0.1"
-    assert opts.ssh_port == 2200  # set explicitly: the option wins
-    assert opts.remote_site_dirs == ("/a", "/b")
-    assert opts.remote_pip_args == ("--no-deps", "--no-index")
-    assert opts.remote_requirements == ()
-    assert opts.anonymous is True
+    for name in ("STUDIOSERVE_CONNECT_HOST", "STUDIOSERVE_SSH_PORT", "STUDIOSERVE_HOST_KEY"):
+        monkeypatch.setenv(name, "planted")
+    overrides = Overrides(connect_host="127.0.0.1", ssh_port=2200, remote_requirements=())
+    assert (overrides.connect_host, overrides.ssh_port) == ("127.0.0.1", 2200)
+    assert Overrides().connect_host is None  # the environment is not read
+    with pytest.raises(ConfigError, match="SSH port"):
+        Overrides(ssh_port=0)
+    fields = {f.name for f in dataclasses.fields(CloudOptions)}
+    assert not fields & {"connect_host", "endpoint_url", "remote_dir", "hooks", "host_key"}
+    reads_env = re.compile(r"(environ|getenv)[^\n]*STUDIOSERVE_")
+    sources = Path(studioserve.cloud.__file__).parent.glob("*.py")
+    assert not [p.name for p in sources if reads_env.search(p.read_text())]
+
+
+def test_lease_covers_the_timeouts_and_never_exceeds_the_lifetime() -> None:
+    options = CloudOptions(cloud="ec2", ssh_timeout=100, install_timeout=200, ready_timeout=300)
+    assert options.lease == 100 + 200 + 300 + 600
+    assert CloudOptions(cloud="ec2", max_lifetime=120).lease == 120
+    assert CloudOptions(cloud="ec2").lease < CloudOptions(cloud="ec2").max_lifetime / 4
 
 
 def _sh_syntax_ok(script: str, tmp_path: Path) -> None:
@@ -124,19 +136,77 @@ def _sh_syntax_ok(script: str, tmp_path: Path) -> None:
     subprocess.run(["sh", "-n", str(path)], check=True)
 
 
-def test_boot_script_schedules_the_backstop_and_holds_no_secret(tmp_path: Path) -> None:
-    expires = dt.datetime(2026, 11, 26, 9, 30, tzinfo=dt.UTC)
+def _run_boot(script: str, root: Path, *, systemd: bool) -> subprocess.CompletedProcess[str]:
+    """Run a boot script (or the lifetime command) under ``root`` as the instance would, with
+    ``shutdown`` and ``systemctl`` recording their arguments instead of acting."""
+    bin_dir = root / "fakebin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("shutdown", "systemctl"):
+        tool = bin_dir / name
+        tool.write_text(f'#!/bin/sh\necho "$@" >> {root}/{name}.log\n')
+        tool.chmod(0o755)
+    if systemd:
+        (root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(root)}
+    return subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, check=True, timeout=30
+    )
+
+
+def _wait_for_file(path: Path) -> str:
+    for _ in range(100):
+        if path.exists() and path.read_text().strip():
+            return path.read_text()
+        time.sleep(0.05)
+    return ""
+
+
+def test_boot_script_starts_the_lease_from_the_instance_s_own_clock(tmp_path: Path) -> None:
     script = boot_script(
-        deployment_id="ss-0123abcd", expires_at=expires, end_body="shutdown -h now"
+        deployment_id="ss-0123abcd", lease=5400, end_body="echo bye", root=str(tmp_path)
     )
     _sh_syntax_ok(script, tmp_path)
-    assert "OnCalendar=2026-11-26 09:30:00 UTC" in script
-    assert "Persistent=true" in script
-    assert "shutdown -h +" in script  # without systemd
-    assert "/usr/local/sbin/studioserve-end" in script
+    assert "shutdown -h now" not in script
+    assert "OnCalendar=2" not in script
+    before = int(time.time())
+    _run_boot(script, tmp_path, systemd=False)
+    state = tmp_path / "var/lib/studioserve"
+    booted = int((state / "booted-at").read_text())
+    assert before <= booted <= int(time.time())
+    assert int((state / "ends-at").read_text()) == booted + 5400
+    assert "-h +90 studioserve: lifetime reached" in _wait_for_file(tmp_path / "shutdown.log")
+    assert (tmp_path / "usr/local/sbin/studioserve-end").stat().st_mode & 0o111
+    # ready: the launch moves the end to --max-lifetime after the FIRST boot
+    _run_boot(f"{tmp_path}/usr/local/sbin/studioserve-lifetime 86400", tmp_path, systemd=False)
+    assert int((state / "ends-at").read_text()) == booted + 86400
+    # a reboot runs the boot script again (GCE): it keeps the first boot and the extension
+    (state / "booted-at").write_text(f"{booted}\n")
+    _run_boot(script, tmp_path, systemd=False)
+    assert int((state / "booted-at").read_text()) == booted
+    assert int((state / "ends-at").read_text()) == booted + 86400
+    with pytest.raises(subprocess.CalledProcessError):
+        _run_boot(f"{tmp_path}/usr/local/sbin/studioserve-lifetime soon", tmp_path, systemd=False)
+
+
+def test_with_systemd_the_backstop_is_a_persistent_timer(tmp_path: Path) -> None:
+    script = boot_script(
+        deployment_id="ss-0123abcd", lease=600, end_body="echo bye", root=str(tmp_path)
+    )
+    _run_boot(script, tmp_path, systemd=True)
+    booted = int((tmp_path / "var/lib/studioserve/booted-at").read_text())
+    timer = (tmp_path / "etc/systemd/system/studioserve-expire.timer").read_text()
+    when = dt.datetime.fromtimestamp(booted + 600, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert f"OnCalendar={when}" in timer
+    assert "Persistent=true" in timer
+    service = (tmp_path / "etc/systemd/system/studioserve-expire.service").read_text()
+    assert f"ExecStart={tmp_path}/usr/local/sbin/studioserve-end" in service
+    assert "restart studioserve-expire.timer" in (tmp_path / "systemctl.log").read_text()
+
+
+def test_boot_scripts_hold_no_secret_and_gce_s_asks_its_token_at_run_time(tmp_path: Path) -> None:
     from studioserve.cloud.gce import END_BODY
 
-    gce_script = boot_script(deployment_id="ss-0123abcd", expires_at=expires, end_body=END_BODY)
+    gce_script = boot_script(deployment_id="ss-0123abcd", lease=600, end_body=END_BODY)
     _sh_syntax_ok(gce_script, tmp_path)
     assert "metadata.google.internal" in gce_script
     assert "service-accounts/default/token" in gce_script  # fetched at run time, on the VM
@@ -153,7 +223,7 @@ def test_run_and_install_scripts(tmp_path: Path) -> None:
         token="never-in-a-script",
         verbose=True,
     )
-    args = _serve_args(
+    args = serve_args(
         config,
         remote_dir="/home/ubuntu/studio serve",
         port=8080,
@@ -185,20 +255,52 @@ def test_run_and_install_scripts(tmp_path: Path) -> None:
         deployment_id="ss-0123abcd",
         remote_dir="/home/ubuntu/studioserve",
         serve_args=args,
-        end_command=_default_end_command(),
+        end_command=default_end_command(),
     )
     _sh_syntax_ok(default_end, tmp_path)
     assert "/usr/local/sbin/studioserve-end" in default_end
-    install = _install_script(
+    install = install_script(
         remote_dir="/home/ubuntu/studioserve",
-        options=CloudOptions(cloud="ec2", gpus=1, remote_site_dirs=("/opt/site",)),
+        python="python3",
         wheel_name="studioserve-0.1.0+gabc-py3-none-any.whl",
         key="exp.1",
+        families=["tensorflow"],
+        requirements=requirements_for(["tensorflow"], gpu=True, wheel="dist/w.whl"),
+        site_dirs=("/opt/site",),
     )
     _sh_syntax_ok(install, tmp_path)
-    assert "-m venv --system-site-packages" in install
+    assert "python3 -m venv venv" in install
+    assert "--system-site-packages" not in install  # isolated from apt's Python packages
     assert "tensorflow[and-cuda]" in install  # only installed when the image lacks it
     assert "experiments add exp.1 upload/modeldir --store store" in install
+    # the venv fallback refreshes the package lists first, waiting for cloud-init's lock
+    update = install.index("apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 update")
+    assert update < install.index("install -y -q python3-venv")
+
+
+@pytest.mark.parametrize(
+    ("families", "gpu", "expected"),
+    [
+        (["tensorflow"], False, ["tensorflow-cpu>=2.16", "keras>=3"]),
+        (["tensorflow"], True, ["tensorflow[and-cuda]>=2.16", "keras>=3"]),
+        (["torch"], True, ["W[torch]"]),
+        (["onnx"], True, ["onnxruntime-gpu>=1.17"]),
+        (["onnx"], False, ["W[onnx]"]),
+        (["sklearn", "xgboost"], False, ["W[sklearn,xgboost]"]),
+        ([], True, []),
+    ],
+)
+def test_the_instance_installs_the_model_s_frameworks(
+    families: list[str], gpu: bool, expected: list[str]
+) -> None:
+    assert requirements_for(families, gpu=gpu, wheel="W") == expected
+
+
+def test_the_remote_python_version_is_read_from_its_output() -> None:
+    assert parse_python_version("3.12\n") == (3, 12)
+    assert parse_python_version("warning\n3.10") == (3, 10)
+    assert parse_python_version("") is None
+    assert parse_python_version("sh: python3: not found") is None
 
 
 def test_wheel_of_the_running_package(tmp_path: Path) -> None:
@@ -209,13 +311,18 @@ def test_wheel_of_the_running_package(tmp_path: Path) -> None:
     assert again == wheel  # cached by content
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        assert "studioserve/cloud/deploy.py" in names
+        assert "studioserve/cloud/launch.py" in names
         assert "studioserve/cli.py" in names
         assert not any("__pycache__" in n for n in names)
         dist_info = wheel.name.split("-py3")[0] + ".dist-info"
         metadata = zf.read(f"{dist_info}/METADATA").decode()
         assert "Requires-Dist: flask" in metadata
-        assert "extra ==" not in metadata
+        # the extras travel too, so the instance can install WHEEL[torch]
+        assert "Provides-Extra: torch" in metadata
+        assert 'extra == "torch"' in metadata
+        core = [line for line in metadata.splitlines() if "flask" in line.lower()]
+        assert core
+        assert all("extra ==" not in line for line in core)
         assert "studio = studioserve.cli:main" in zf.read(f"{dist_info}/entry_points.txt").decode()
         for line in zf.read(f"{dist_info}/RECORD").decode().splitlines():
             name, digest, size = line.split(",")
@@ -230,13 +337,13 @@ def test_wheel_of_the_running_package(tmp_path: Path) -> None:
 def test_wrapper_files_are_uploaded_and_module_names_found(tmp_path: Path) -> None:
     wrapper = tmp_path / "my_wrapper.py"
     wrapper.write_text("def create_model(modeldir):\n    return lambda d: d\n")
-    assert _resolve_wrapper(str(wrapper)) == (wrapper.resolve(), None)
-    path, name = _resolve_wrapper("json")  # an importable module: its file is uploaded
+    assert resolve_wrapper(str(wrapper)) == (wrapper.resolve(), None)
+    path, name = resolve_wrapper("json")  # an importable module: its file is uploaded
     assert path is not None
     assert path.name == "__init__.py"
     assert name is None
-    assert _resolve_wrapper("no_such_module_xyz") == (None, "no_such_module_xyz")
-    assert _resolve_wrapper(None) == (None, None)
+    assert resolve_wrapper("no_such_module_xyz") == (None, "no_such_module_xyz")
+    assert resolve_wrapper(None) == (None, None)
 
 
 @pytest.fixture
@@ -267,14 +374,21 @@ def echo_server() -> Iterator[dict[str, object]]:
         thread.join()
 
 
-def test_default_allow_cidr_is_your_own_address(
+def test_default_allow_cidr_is_your_own_address_asked_directly(
     echo_server: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("STUDIOSERVE_IP_ECHO_URL", str(echo_server["url"]))
-    assert detect_public_cidr() == "203.0.113.9/32"
+    url = str(echo_server["url"])
+    assert detect_public_cidr(url) == "203.0.113.9/32"
+    # behind a proxy: SSH and the readiness check go direct, so the lookup must too (through
+    # the proxy it would see the proxy's address; here the "proxy" does not even exist)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert detect_public_cidr(url) == "203.0.113.9/32"
     echo_server["body"] = b"<html>captive portal</html>"
-    with pytest.raises(CloudError, match="pass --allow-cidr"):
-        detect_public_cidr()
+    with pytest.raises(CloudError, match=r"directly: HTTPS_PROXY.*pass --allow-cidr"):
+        detect_public_cidr(url)
 
 
 def test_deploy_refuses_unsafe_or_impossible_requests(tmp_path: Path) -> None:
@@ -290,7 +404,7 @@ def test_deploy_refuses_unsafe_or_impossible_requests(tmp_path: Path) -> None:
 
 
 def test_registry_round_trip_is_private(tmp_path: Path) -> None:
-    registry = _Registry(tmp_path / "instances.json")
+    registry = Registry(tmp_path / "instances.json")
     record = InstanceRecord(
         id="ss-0123abcd",
         cloud="gcloud",
@@ -350,6 +464,7 @@ def test_deletion_order_and_token_hidden_from_repr() -> None:
         port=5000,
         ssh_user="ubuntu",
         key_path=Path("/k"),
+        gpu="1x NVIDIA L4",
         created_at=now,
         expires_at=now,
         killafter=600,

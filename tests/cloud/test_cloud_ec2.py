@@ -1,6 +1,7 @@
-"""The EC2 provider against moto's server (boto3 pointed at it with endpoint_url), with a real
-sshd on loopback standing in for the instance. Nothing here connects to moto's fake public
-addresses: SSH and HTTP go to 127.0.0.1 (CloudOptions.connect_host)."""
+"""Deployments to EC2 against moto's server (boto3 pointed at it with Overrides.endpoint_url),
+with a real sshd on loopback standing in for the instance. Nothing here connects to moto's
+fake public addresses: SSH and HTTP go to 127.0.0.1 (Overrides.connect_host). The provider on
+its own, and the EC2 errors moto cannot produce, are in test_ec2_provider.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,11 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from studioserve.cloud import (
@@ -25,24 +24,32 @@ from studioserve.cloud import (
     CloudOptions,
     DeploymentFailed,
     HostKeyMismatch,
+    Overrides,
     StepContext,
     deploy,
     list_instances,
     stop_instances,
 )
-from studioserve.cloud.base import LaunchSpec, Resource, utcnow
-from studioserve.cloud.deploy import InstanceRecord, _Registry
-from studioserve.cloud.ec2 import Ec2Provider, choose_instance_type
+from studioserve.cloud.base import LIFETIME_SCRIPT, LaunchSpec, Resource, utcnow
+from studioserve.cloud.ec2 import Ec2Provider
+from studioserve.cloud.ec2_catalog import choose_instance_type
+from studioserve.cloud.registry import InstanceRecord, Registry
 from studioserve.cloud.ssh import generate_keypair
 from studioserve.config import ServeConfig, config_dir
 from studioserve.errors import CloudError, ConfigError
+from tests.cloud.ec2_faults import (
+    AMI_PARAMETER,
+    FaultProxy,
+    leftovers,
+    reset_account,
+)
 from tests.cloud.helpers import (
     Sshd,
     assert_no_secrets,
     files_under,
     free_port,
-    kill_leftover,
     local_instance_options,
+    local_instance_overrides,
     needs_sshd,
     new_host_key,
     post_json,
@@ -50,69 +57,22 @@ from tests.cloud.helpers import (
     wait_for,
 )
 
-AMI_PARAMETER = "/studioserve-test/dlami"
 AWS_SECRET = "fake-aws-secret-3c1f9a77d2"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not os.path.exists("/usr/sbin/sshd"):
-        pytest.skip("OpenSSH server missing (apt-get install openssh-server)")
-    with Sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 @pytest.fixture
 def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A clean moto account, clients, and an AMI published under a test SSM parameter."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    urllib.request.urlopen(urllib.request.Request(moto_url + "/moto-api/reset", method="POST"))
-    ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name="us-east-1")
-    ssm = boto3.client("ssm", endpoint_url=moto_url, region_name="us-east-1")
-    ubuntu = "ubuntu/images/hvm-ssd/ubuntu-xenial-16.04-amd64-server-20170721"
-    ami = ec2.describe_images(Filters=[{"Name": "name", "Values": [ubuntu]}])["Images"][0][
-        "ImageId"
-    ]
-    ssm.put_parameter(Name=AMI_PARAMETER, Value=ami, Type="String")
-    return {"url": moto_url, "ec2": ec2, "ssm": ssm, "ami": ami}
+    return reset_account(moto_url)
 
 
-def leftovers(ec2: Any) -> dict[str, list[str]]:
-    """Everything studioserve-made that still exists (terminated instances do not count)."""
-    instances = [
-        i["InstanceId"]
-        for r in ec2.describe_instances()["Reservations"]
-        for i in r["Instances"]
-        if i["State"]["Name"] != "terminated"
-    ]
-    groups = [
-        g["GroupId"]
-        for g in ec2.describe_security_groups()["SecurityGroups"]
-        if g["GroupName"].startswith("studioserve")
-        or any(t["Key"] == "studioserve" for t in g.get("Tags", []))
-    ]
-    keys = [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]]
-    volumes = [v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]]
-    found = {
-        "instances": instances,
-        "security_groups": groups,
-        "key_pairs": keys,
-        "volumes": volumes,
-    }
-    return {k: v for k, v in found.items() if v}
+@pytest.fixture
+def faults(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """An error-injecting proxy in front of moto (see ec2_faults.py); no SDK retries."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with FaultProxy(aws["url"]) as proxy:
+        yield proxy
 
 
 def local_keys() -> list[str]:
@@ -155,47 +115,34 @@ class CloudInit:
         }
 
 
-def options(aws: dict[str, Any], sshd: Sshd, tmp_path: Path, **changes: Any) -> CloudOptions:
+def options(sshd: Sshd, tmp_path: Path, **changes: Any) -> CloudOptions:
     fields = local_instance_options(sshd, tmp_path / "remote", tmp_path / "ended")
-    fields.update(
-        cloud="ec2",
-        gpus=1,
-        image="ssm:" + AMI_PARAMETER,
-        endpoint_url=aws["url"],
-        region="us-east-1",
-        host_key=sshd.host_key,  # moto's console output has no host keys: pin the sshd's
-    )
+    fields.update(cloud="ec2", gpus=1, image="ssm:" + AMI_PARAMETER, region="us-east-1")
     fields.update(changes)
     return CloudOptions(**fields)
 
 
-def api_options(aws: dict[str, Any], **changes: Any) -> CloudOptions:
+def overrides(aws: dict[str, Any], sshd: Sshd, tmp_path: Path, **changes: Any) -> Overrides:
+    """This machine as the instance, moto as EC2, and the sshd's host key pinned (moto's
+    console output has no host keys)."""
+    fields: dict[str, Any] = {"endpoint_url": aws["url"], "host_key": sshd.host_key}
+    fields.update(changes)
+    return local_instance_overrides(sshd, tmp_path / "remote", tmp_path / "ended", **fields)
+
+
+def api_options(**changes: Any) -> CloudOptions:
     """Options for a launch that fails at the EC2 API, before any SSH (no sshd needed)."""
     fields: dict[str, Any] = {
         "cloud": "ec2",
         "image": "ssm:" + AMI_PARAMETER,
-        "endpoint_url": aws["url"],
         "allow_cidr": "198.51.100.7/32",
-        "connect_host": "127.0.0.1",
     }
     fields.update(changes)
     return CloudOptions(**fields)
 
 
-@pytest.fixture(autouse=True)
-def stop_leftover_servers(tmp_path: Path) -> Iterator[None]:
-    """A failing test may leave a server it started on this machine: stop it."""
-    yield
-    kill_leftover(tmp_path / "remote")
-
-
-@pytest.fixture
-def modeldir(tmp_path: Path) -> Path:
-    """An empty modeldir: the server serves the identity model (fast to start)."""
-    path = tmp_path / "modeldir"
-    path.mkdir()
-    (path / "README").write_text("no checkpoint: identity model\n")
-    return path
+def api_overrides(url: str, **changes: Any) -> Overrides:
+    return Overrides(endpoint_url=url, connect_host="127.0.0.1", poll_interval=0.05, **changes)
 
 
 # -- choices ----------------------------------------------------------------------------------
@@ -227,16 +174,18 @@ def test_instance_type_errors_name_the_fix() -> None:
 
 
 def test_image_from_ssm_parameter_or_a_clear_error(aws: dict[str, Any]) -> None:
-    opts = CloudOptions(cloud="ec2", image="ssm:" + AMI_PARAMETER, endpoint_url=aws["url"])
-    assert Ec2Provider(opts).image() == aws["ami"]
+    opts = CloudOptions(cloud="ec2", image="ssm:" + AMI_PARAMETER)
+    moto = Overrides(endpoint_url=aws["url"])
+    assert Ec2Provider(opts, moto).image() == aws["ami"]
     assert (
-        Ec2Provider(opts.replace(image="ami-0123456789abcdef0")).image() == "ami-0123456789abcdef0"
+        Ec2Provider(opts.replace(image="ami-0123456789abcdef0"), moto).image()
+        == "ami-0123456789abcdef0"
     )
     with pytest.raises(CloudError, match="holds no AMI"):
-        Ec2Provider(opts.replace(image="ssm:/no/such/parameter")).image()
+        Ec2Provider(opts.replace(image="ssm:/no/such/parameter"), moto).image()
     # moto has neither the public Deep Learning AMI parameters nor such images
     with pytest.raises(CloudError, match="pass --image"):
-        Ec2Provider(opts.replace(image=None)).image()
+        Ec2Provider(opts.replace(image=None), moto).image()
 
 
 # -- a full deployment ------------------------------------------------------------------------
@@ -254,9 +203,9 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     ec2 = aws["ec2"]
     init = CloudInit(ec2, sshd)
     port = free_port()
-    opts = options(aws, sshd, tmp_path, hooks=(init,))
+    opts = options(sshd, tmp_path)
     config = ServeConfig(key="exp-1", port=port, killafter=300, max_batch_size=16)
-    dep = deploy(config, modeldir, opts)
+    dep = deploy(config, modeldir, opts, overrides=overrides(aws, sshd, tmp_path, hooks=(init,)))
     snap = init.snapshot
 
     # the instance: type, image, terminate-on-shutdown, tags, key, one group, disk, IMDSv2
@@ -271,7 +220,7 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     assert [g["GroupId"] for g in inst["SecurityGroups"]] == [g["GroupId"] for g in snap["groups"]]
     assert inst["MetadataOptions"]["HttpTokens"] == "required"
     [volume] = snap["volumes"]
-    assert volume["Size"] == 100
+    assert volume["Size"] == 100  # --disk-gb's default; the image's snapshot is 15 GB
     assert {t["Key"]: t["Value"] for t in volume["Tags"]}["studioserve"] == dep.id
 
     # the security group: exactly SSH and the serving port, from allow_cidr only
@@ -290,10 +239,13 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     assert pair["PublicKey"].split()[:2] == dep.key_path.with_suffix(".pub").read_text().split()[:2]
     assert "key_pairs" not in leftovers(ec2)
 
-    # user data: the end command and the max-lifetime timer, nothing secret
+    # user data: the end command and the boot timer (the launch lease, counted on the
+    # instance from its first boot), nothing secret
     user_data = snap["user_data"]
     assert "shutdown -h now" in user_data
-    assert "OnCalendar=" + dep.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC") in user_data
+    assert f"{LIFETIME_SCRIPT} {int(opts.lease)}\n" in user_data
+    assert dep.expires_at.strftime("%Y-%m-%d %H:%M") not in user_data
+    assert tags["studioserve:expires"] == dep.expires_at.isoformat()
 
     # the deployment and the registry
     assert dep.url == f"http://127.0.0.1:{port}"
@@ -367,9 +319,14 @@ def test_a_failure_at_any_step_removes_everything(
         if name == step:
             raise RuntimeError(f"injected failure before {name}")
 
-    opts = options(aws, sshd, tmp_path, hooks=(CloudInit(ec2, sshd), fail))
+    ovr = overrides(aws, sshd, tmp_path, hooks=(CloudInit(ec2, sshd), fail))
     with pytest.raises(DeploymentFailed) as info:
-        deploy(ServeConfig(key="exp", port=free_port(), killafter=30), modeldir, opts)
+        deploy(
+            ServeConfig(key="exp", port=free_port(), killafter=30),
+            modeldir,
+            options(sshd, tmp_path),
+            overrides=ovr,
+        )
     err = info.value
     assert err.step == step
     assert not err.interrupted
@@ -402,9 +359,14 @@ def test_ctrl_c_during_launch_rolls_back_and_says_so(
         if name == "open_port":
             raise KeyboardInterrupt
 
-    opts = options(aws, sshd, tmp_path, hooks=(interrupt,))
+    ovr = overrides(aws, sshd, tmp_path, hooks=(interrupt,))
     with pytest.raises(DeploymentFailed, match=r"interrupted \(Ctrl-C\)") as info:
-        deploy(ServeConfig(key="exp", port=free_port()), modeldir, opts)
+        deploy(
+            ServeConfig(key="exp", port=free_port()),
+            modeldir,
+            options(sshd, tmp_path),
+            overrides=ovr,
+        )
     assert info.value.interrupted
     assert leftovers(aws["ec2"]) == {}
     assert local_keys() == []
@@ -415,9 +377,14 @@ def test_a_host_key_other_than_the_reported_one_is_refused(
     aws: dict[str, Any], sshd: Sshd, tmp_path: Path, modeldir: Path
 ) -> None:
     _, other_key = new_host_key(tmp_path, "other")
-    opts = options(aws, sshd, tmp_path, host_key=other_key, hooks=(CloudInit(aws["ec2"], sshd),))
+    ovr = overrides(aws, sshd, tmp_path, host_key=other_key, hooks=(CloudInit(aws["ec2"], sshd),))
     with pytest.raises(DeploymentFailed) as info:
-        deploy(ServeConfig(key="exp", port=free_port()), modeldir, opts)
+        deploy(
+            ServeConfig(key="exp", port=free_port()),
+            modeldir,
+            options(sshd, tmp_path),
+            overrides=ovr,
+        )
     assert info.value.step == "wait_ssh"
     assert isinstance(info.value.__cause__, HostKeyMismatch)
     assert "refusing to connect" in str(info.value)
@@ -425,20 +392,60 @@ def test_a_host_key_other_than_the_reported_one_is_refused(
 
 
 def test_an_api_error_mid_launch_removes_what_was_made(
-    aws: dict[str, Any], tmp_path: Path, modeldir: Path, monkeypatch: pytest.MonkeyPatch
+    aws: dict[str, Any], faults: FaultProxy, modeldir: Path
 ) -> None:
-    import moto.settings
-
-    # make the fake API reject unknown instance types, as EC2 does
-    monkeypatch.setattr(moto.settings, "EC2_ENABLE_INSTANCE_TYPE_VALIDATION", True)
-    opts = api_options(aws, instance_type="zz9.nosuch")
+    # an error no other zone or type can cure: the launch stops at once and rolls back
+    faults.fail("RunInstances", "InvalidBlockDeviceMapping", "The device name is invalid.")
     with pytest.raises(DeploymentFailed, match="EC2 launch failed") as info:
-        deploy(ServeConfig(key="exp"), modeldir, opts)
+        deploy(ServeConfig(key="exp"), modeldir, api_options(), overrides=api_overrides(faults.url))
     assert info.value.step == "launch"
+    assert len(faults.seen("RunInstances")) == 1
     summary = "\n".join(info.value.summary)
     assert "deleted security group" in summary
     assert "deleted EC2 key pair" in summary
     assert leftovers(aws["ec2"]) == {}
+
+
+def test_no_zone_with_the_type_is_a_clear_error_and_leaves_nothing(
+    aws: dict[str, Any], faults: FaultProxy, modeldir: Path
+) -> None:
+    faults.fail(
+        "RunInstances",
+        "InsufficientInstanceCapacity",
+        "We currently do not have sufficient g5.xlarge capacity.",
+        status=500,
+        when=lambda params: params.get("InstanceType") == "g5.xlarge",
+    )
+    faults.fail("RunInstances", "Unsupported", "The requested configuration is not supported.")
+    with pytest.raises(DeploymentFailed) as info:
+        deploy(
+            ServeConfig(key="exp"),
+            modeldir,
+            api_options(instance_type="g6.xlarge,g5.xlarge"),
+            overrides=api_overrides(faults.url),
+        )
+    message = str(info.value)
+    assert info.value.step == "launch"
+    assert "g6.xlarge in us-east-1a: Unsupported" in message
+    assert "g5.xlarge in us-east-1f: InsufficientInstanceCapacity" in message
+    assert "AWS's capacity, not your account's quota" in message
+    assert len(faults.seen("RunInstances")) == 10  # 5 zones offer each type
+    assert leftovers(aws["ec2"]) == {}
+    assert local_keys() == []
+
+
+def test_an_unknown_instance_type_fails_before_anything_is_made(
+    aws: dict[str, Any], modeldir: Path
+) -> None:
+    with pytest.raises(ConfigError, match="no instance type zz9.nosuch"):
+        deploy(
+            ServeConfig(key="exp"),
+            modeldir,
+            api_options(instance_type="g6.xlarge,zz9.nosuch"),
+            overrides=api_overrides(aws["url"]),
+        )
+    assert leftovers(aws["ec2"]) == {}
+    assert local_keys() == []
 
 
 def test_list_cleans_up_after_instances_that_ended_and_dead_launches(
@@ -448,7 +455,8 @@ def test_list_cleans_up_after_instances_that_ended_and_dead_launches(
     died leaves whatever it had made. ``list_instances`` removes both."""
     ec2 = aws["ec2"]
     provider = Ec2Provider(
-        CloudOptions(cloud="ec2", image="ssm:" + AMI_PARAMETER, endpoint_url=aws["url"])
+        CloudOptions(cloud="ec2", image="ssm:" + AMI_PARAMETER),
+        Overrides(endpoint_url=aws["url"], poll_interval=0.05),
     )
     now = utcnow()
     made: dict[str, list[Resource]] = {}
@@ -469,7 +477,7 @@ def test_list_cleans_up_after_instances_that_ended_and_dead_launches(
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
     )
-    registry = _Registry()
+    registry = Registry()
     registry.upsert(
         InstanceRecord(
             id=ended,
@@ -512,8 +520,12 @@ def test_deploy_into_a_subnet_of_another_vpc(
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.1.0/24")["Subnet"]["SubnetId"]
     init = CloudInit(ec2, sshd)
-    opts = options(aws, sshd, tmp_path, subnet=subnet, hooks=(init,))
-    dep = deploy(ServeConfig(key="exp", port=free_port(), killafter=300), modeldir, opts)
+    dep = deploy(
+        ServeConfig(key="exp", port=free_port(), killafter=300),
+        modeldir,
+        options(sshd, tmp_path, subnet=subnet),
+        overrides=overrides(aws, sshd, tmp_path, hooks=(init,)),
+    )
     inst = init.snapshot["instance"]
     [group] = init.snapshot["groups"]
     assert (inst["SubnetId"], inst["VpcId"]) == (subnet, vpc)
@@ -531,9 +543,10 @@ def test_deploy_into_a_subnet_of_another_vpc(
 def test_an_unknown_subnet_is_a_clear_error_and_leaves_nothing(
     aws: dict[str, Any], modeldir: Path
 ) -> None:
-    opts = api_options(aws, subnet="subnet-0123456789abcdef0")
-    with pytest.raises(DeploymentFailed, match="subnet subnet-0123456789abcdef0 does not exist"):
-        deploy(ServeConfig(key="exp"), modeldir, opts)
+    opts = api_options(subnet="subnet-0123456789abcdef0")
+    # found by the preflight: nothing is created
+    with pytest.raises(CloudError, match="subnet subnet-0123456789abcdef0 does not exist"):
+        deploy(ServeConfig(key="exp"), modeldir, opts, overrides=api_overrides(aws["url"]))
     assert leftovers(aws["ec2"]) == {}
     assert list_instances(refresh=False) == []
     assert local_keys() == []
@@ -547,9 +560,8 @@ def test_no_default_vpc_names_the_subnet_option(aws: dict[str, Any], modeldir: P
     ]:
         ec2.delete_subnet(SubnetId=sn["SubnetId"])
     ec2.delete_vpc(VpcId=default["VpcId"])
-    opts = api_options(aws)
-    with pytest.raises(DeploymentFailed, match="no default VPC; pass --subnet"):
-        deploy(ServeConfig(key="exp"), modeldir, opts)
+    with pytest.raises(CloudError, match="no default VPC; pass --subnet"):
+        deploy(ServeConfig(key="exp"), modeldir, api_options(), overrides=api_overrides(aws["url"]))
     assert leftovers(ec2) == {}
 
 

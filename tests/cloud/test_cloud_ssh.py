@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from tests.cloud.helpers import (
     free_port,
     kill_leftover,
     local_instance_options,
+    local_instance_overrides,
     new_host_key,
     post_json,
     save_model,
@@ -39,12 +39,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/sbin/sshd"),
     reason="OpenSSH server missing (apt-get install openssh-server)",
 )
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    with Sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 @pytest.fixture
@@ -181,19 +175,6 @@ def test_gives_up_after_the_overall_timeout(login: Path, sshd: Sshd) -> None:
 # -- end to end -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 def test_end_to_end_real_server_prediction_then_killafter(
     sshd: Sshd, moto_url: str, tmp_path: Path, keras_mlp_factory: Any
 ) -> None:
@@ -217,13 +198,22 @@ def test_end_to_end_real_server_prediction_then_killafter(
 
     remote = tmp_path / "remote"
     ended = tmp_path / "ended"
-    fields = local_instance_options(sshd, remote, ended)
-    fields.update(host_key=sshd.host_key, hooks=(cloud_init,))
     opts = CloudOptions(
-        cloud="ec2", gpus=1, image="ssm:/studioserve-test/dlami", endpoint_url=moto_url, **fields
+        cloud="ec2",
+        gpus=1,
+        image="ssm:/studioserve-test/dlami",
+        **local_instance_options(sshd, remote, ended),
+    )
+    overrides = local_instance_overrides(
+        sshd, remote, ended, endpoint_url=moto_url, host_key=sshd.host_key, hooks=(cloud_init,)
     )
     try:
-        dep = deploy(ServeConfig(key="mlp", port=free_port(), killafter=8), modeldir, opts)
+        dep = deploy(
+            ServeConfig(key="mlp", port=free_port(), killafter=8),
+            modeldir,
+            opts,
+            overrides=overrides,
+        )
         status, body = post_json(dep.url, {"x": x.tolist()}, dep.token)
         assert status == 200
         np.testing.assert_allclose(np.asarray(body["x"]), expected, rtol=1e-5, atol=1e-6)
