@@ -214,7 +214,7 @@ class Launch:
         self.pid: int | None = None
         self.url = ""
         self.gpu: str | None = None
-        self.wheel_name = ""
+        self.wheel: Path | None = None
 
     # -- what it would do ---------------------------------------------------------------------
 
@@ -262,8 +262,7 @@ class Launch:
         """
         from .ssh import generate_keypair
 
-        wheel = build_wheel()
-        self.wheel_name = wheel.name
+        self.wheel = build_wheel()
         with launch_signals():
             try:
                 self.keys = generate_keypair(config_dir() / "keys", self.id, comment=self.ssh_user)
@@ -272,10 +271,7 @@ class Launch:
                 self.spec = self._spec(self.keys.public_key)
                 for name in STEPS:
                     self._enter(name)
-                    if name == "upload":
-                        self.upload(wheel)
-                    else:
-                        getattr(self, name)()
+                    getattr(self, name)()
                 return self.deployment()
             except BaseException as e:
                 self.rollback(e)
@@ -422,9 +418,11 @@ class Launch:
             for line in output.splitlines():  # warnings and notes the checks print
                 logger.warning("[%s] %s", self.id, line)
 
-    def upload(self, wheel: Path) -> None:
+    def upload(self) -> None:
         """Put everything the instance needs under the remote folder (0700; token 0600)."""
         session = self._session
+        wheel = self.wheel
+        assert wheel is not None
         home = session.run('printf %s "$HOME"').stdout.strip() or "."
         self.remote_dir = remote_dir = self.overrides.remote_dir or f"{home}/studioserve"
         for sub in ("", "/dist", "/upload", "/home"):
@@ -613,7 +611,7 @@ class Launch:
         """The running deployment (after :meth:`report`)."""
         assert self.instance is not None
         assert self.keys is not None
-        described = self.provider.describe()
+        assert self.record is not None
         logger.info("[%s] ready at %s (ends by %s)", self.id, self.url, self.expires_at.isoformat())
         return Deployment(
             id=self.id,
@@ -621,9 +619,9 @@ class Launch:
             instance_id=self.instance.instance_id,
             instance_type=self.instance.instance_type,
             image=self.instance.image,
-            region=described["region"],
-            zone=described["zone"],
-            project=described["project"],
+            region=self.record.region,
+            zone=self.record.zone,
+            project=self.record.project,
             url=self.url,
             token=self.token,
             public_ip=self.instance.public_ip,

@@ -156,10 +156,10 @@ class Sshd:
         self.stop()
 
 
-def local_instance_options(sshd: Sshd, remote_dir: Path, end_marker: Path) -> dict[str, Any]:
-    """CloudOptions fields for a launch onto this machine: the allowed CIDR (no address
-    lookup), short timeouts, and a warning instead of a failure for the missing GPU."""
-    del remote_dir, end_marker
+def local_instance_options(sshd: Sshd) -> dict[str, Any]:
+    """CloudOptions fields for a launch onto this machine: the sshd's user, the allowed CIDR
+    (no address lookup), short timeouts, and a warning instead of a failure for the missing
+    GPU."""
     return {
         "ssh_user": sshd.user,
         "allow_cidr": "198.51.100.7/32",

@@ -116,7 +116,7 @@ class CloudInit:
 
 
 def options(sshd: Sshd, tmp_path: Path, **changes: Any) -> CloudOptions:
-    fields = local_instance_options(sshd, tmp_path / "remote", tmp_path / "ended")
+    fields = local_instance_options(sshd)
     fields.update(cloud="ec2", gpus=1, image="ssm:" + AMI_PARAMETER, region="us-east-1")
     fields.update(changes)
     return CloudOptions(**fields)

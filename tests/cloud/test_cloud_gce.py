@@ -109,7 +109,7 @@ class GuestAgent:
 
 
 def options(sshd: Sshd, tmp_path: Path, **changes: Any) -> CloudOptions:
-    fields = local_instance_options(sshd, tmp_path / "remote", tmp_path / "ended")
+    fields = local_instance_options(sshd)
     fields.update(cloud="gcloud", gpus=1, project=PROJECT, zone=ZONE)
     fields.update(changes)
     return CloudOptions(**fields)

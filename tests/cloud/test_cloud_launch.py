@@ -71,7 +71,7 @@ def setup(
         "gpus": 1,
         "image": "ssm:" + AMI_PARAMETER,
         "region": "us-east-1",
-        **local_instance_options(sshd, tmp_path / "remote", tmp_path / "ended"),
+        **local_instance_options(sshd),
     }
     option_names = set(CloudOptions.__dataclass_fields__)
     fields.update({k: v for k, v in changes.items() if k in option_names})

@@ -60,7 +60,7 @@ def test_the_install_creates_a_real_venv_and_pip_installs_the_wheel_and_its_depe
         cloud="ec2",
         gpus=0,
         image="ssm:" + AMI_PARAMETER,
-        **{**local_instance_options(sshd, remote, tmp_path / "ended"), "ready_timeout": 180.0},
+        **{**local_instance_options(sshd), "ready_timeout": 180.0},
     )
     overrides = local_instance_overrides(
         sshd,

@@ -202,7 +202,7 @@ def test_end_to_end_real_server_prediction_then_killafter(
         cloud="ec2",
         gpus=1,
         image="ssm:/studioserve-test/dlami",
-        **local_instance_options(sshd, remote, ended),
+        **local_instance_options(sshd),
     )
     overrides = local_instance_overrides(
         sshd, remote, ended, endpoint_url=moto_url, host_key=sshd.host_key, hooks=(cloud_init,)
