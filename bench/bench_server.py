@@ -21,6 +21,15 @@ Usage::
     .venv/bin/python bench/bench_server.py                 # one repeat
     .venv/bin/python bench/bench_server.py --repeat 3      # medians of three
     .venv/bin/python bench/bench_server.py --http-server waitress --json out.json
+    # before/after in one run: a checkout of the previous commit as a second studioserve
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python bench/bench_server.py --before-cmd \
+        "env PYTHONPATH=/tmp/before $PWD/.venv/bin/python -P -m studioserve"
+
+(``-P``: without it the current folder, this checkout, comes first on ``sys.path``.)
+
+Every point reports the server's CPU per request (``CPU us/item``: user + system time of the
+server process from /proc, over the requests it answered) next to req/s, p50 and p99.
 
 Ratios are always taken within one repeat (the machine is shared and noisy); the summary shows
 the median of each figure and of each ratio over the repeats.
@@ -266,9 +275,12 @@ def start_servers(
 ) -> None:
     """Start studio serve and the naive server per workload, adding each to ``servers``."""
     env = python_env()
-    for wl in args.workloads:
+    studios = [("studio", shlex.split(args.studio_cmd) if args.studio_cmd else studio_cmd())]
+    if args.before_cmd:
+        studios.append(("before", shlex.split(args.before_cmd)))
+    for wl, (kind, launcher) in [(w, k) for w in args.workloads for k in studios]:
         cmd = [
-            *(shlex.split(args.studio_cmd) if args.studio_cmd else studio_cmd()),
+            *launcher,
             "serve",
             wl,
             "--store",
@@ -285,11 +297,11 @@ def start_servers(
         if wl == "tiny":
             cmd += ["--wrapper", str(HERE / "tiny_wrapper.py")]
         print(f"# starting: {' '.join(cmd)}", file=log, flush=True)
-        servers[(wl, "studio")] = srv = ServerProcess(
-            cmd, f"studio-{wl}", url_pattern=r" at (http://\S+)", env=env, cwd=REPO
+        servers[(wl, kind)] = srv = ServerProcess(
+            cmd, f"{kind}-{wl}", url_pattern=r" at (http://\S+)", env=env, cwd=REPO
         )
         srv.start()
-        if not args.no_naive:
+        if not args.no_naive and kind == "studio":
             ncmd = [
                 sys.executable,
                 str(HERE / "naive_server.py"),
@@ -387,7 +399,7 @@ def run_repeat(
         wl = workloads[wl_name]
         body = wl.body if rows == 1 else wl.bulk_body
         assert body is not None
-        for kind in ("studio", "naive"):
+        for kind in ("studio", "before", "naive"):
             srv = servers.get((wl_name, kind))
             if srv is None:
                 continue
@@ -397,7 +409,7 @@ def run_repeat(
             if args.warmup > 0:
                 run_wrk(url, body, duration=args.warmup, **kw)
             load1 = loadavg()[0]
-            m0 = scrape_metrics(srv.url + "/metrics", METRICS) if kind == "studio" else {}
+            m0 = scrape_metrics(srv.url + "/metrics", METRICS) if kind != "naive" else {}
             res = run_wrk(url, body, duration=args.duration, server_pid=srv.pid, **kw)
             m1 = scrape_metrics(srv.url + "/metrics", METRICS) if m0 else {}
             p = Point(wl_name, kind, conns, rows, res, load1, batch_figures(m0, m1, res.seconds))
@@ -449,6 +461,7 @@ def figures(
     best = offline["best_items_per_s"] if offline else float("nan")
     for p in points:
         naive = by_key.get((p.workload, "naive", p.connections, p.rows))
+        before = by_key.get((p.workload, "before", p.connections, p.rows))
         f = {
             "req_per_s": p.wrk.req_per_s,
             "items_per_s": p.items_per_s,
@@ -462,6 +475,7 @@ def figures(
             "cpu_us_per_item": p.wrk.cpu_us_per_req / p.rows,
             "load1": p.load1,
             "vs_naive": ratio(p.items_per_s, naive.items_per_s) if naive else float("nan"),
+            "vs_before": ratio(p.items_per_s, before.items_per_s) if before else float("nan"),
             "vs_offline": ratio(p.items_per_s, best) if p.workload == "mlp" else float("nan"),
         }
         out[p.key()] = f
@@ -486,7 +500,7 @@ def targets(
     mlp_top = get("mlp", "studio", top, 1, "items_per_s")
     bound = 1.0 / (1.0 / best + 1.0 / tiny_top) if tiny_top > 0 and best > 0 else nan
     candidates: dict[str, Target] = {
-        f"tiny c{top} req/s vs naive": (get("tiny", "studio", top, 1, "vs_naive"), ">=", 3.0, "x"),
+        f"tiny c{top} req/s vs naive": (get("tiny", "studio", top, 1, "vs_naive"), ">=", 6.0, "x"),
         f"mlp c{top} items/s vs naive": (get("mlp", "studio", top, 1, "vs_naive"), ">=", 6.0, "x"),
         f"mlp c{top} items/s vs 1/(1/offline_best + 1/tiny_c{top})": (
             ratio(mlp_top, bound),
@@ -500,11 +514,35 @@ def targets(
             0.85,
             "x",
         ),
-        "tiny c1 p50": (get("tiny", "studio", 1, 1, "p50_ms"), "<", 1.0, "ms"),
+        "tiny c1 p50": (get("tiny", "studio", 1, 1, "p50_ms"), "<", 0.5, "ms"),
+        f"tiny c{top} server CPU per request": (
+            get("tiny", "studio", top, 1, "cpu_us_per_item"),
+            "<",
+            100.0,
+            "us",
+        ),
+        f"tiny c{top} p99 / p50": (
+            ratio(get("tiny", "studio", top, 1, "p99_ms"), get("tiny", "studio", top, 1, "p50_ms")),
+            "<=",
+            2.5,
+            "x",
+        ),
+        f"mlp c{top} p99 / p50": (
+            ratio(get("mlp", "studio", top, 1, "p99_ms"), get("mlp", "studio", top, 1, "p50_ms")),
+            "<=",
+            2.5,
+            "x",
+        ),
+        f"mlp c{top} items/s vs offline best": (
+            get("mlp", "studio", top, 1, "vs_offline"),
+            ">=",
+            0.5,
+            "x",
+        ),
         "mlp c1 p50 minus model batch-1 p50": (
             get("mlp", "studio", 1, 1, "p50_ms") - b1_p50,
             "<=",
-            1.0,
+            0.5,
             "ms",
         ),
     }
@@ -513,7 +551,8 @@ def targets(
 
 def point_rows(figs: dict[tuple[Any, ...], dict[str, float]]) -> list[list[str]]:
     rows = []
-    for key in sorted(figs, key=lambda k: (k[0] != "tiny", k[3], k[2], k[1] != "studio")):
+    order = {"studio": 0, "before": 1, "naive": 2}
+    for key in sorted(figs, key=lambda k: (k[0] != "tiny", k[3], k[2], order.get(k[1], 3))):
         wl, server, conns, nrows = key
         f = figs[key]
         rows.append(
@@ -526,7 +565,8 @@ def point_rows(figs: dict[tuple[Any, ...], dict[str, float]]) -> list[list[str]]
                 fmt_num(f["items_per_s"]),
                 fmt_num(f["p50_ms"], ".2f"),
                 fmt_num(f["p99_ms"], ".2f"),
-                fmt_num(f["vs_naive"], ".2f") if server == "studio" else "1",
+                fmt_num(f["vs_naive"], ".2f") if server != "naive" else "1",
+                fmt_num(f["vs_before"], ".2f") if server == "studio" else "",
                 fmt_num(f["vs_offline"], ".2f"),
                 fmt_num(f["rows_per_call"], ".1f"),
                 fmt_num(f["model_busy"] * 100, ".0f"),
@@ -549,6 +589,7 @@ HEADERS = [
     "p50 ms",
     "p99 ms",
     "x naive",
+    "x before",
     "x offline",
     "rows/call",
     "busy %",
@@ -628,6 +669,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t")
     p.add_argument("--offline-seconds", type=float, default=0.6, help="per offline batch size")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument(
+        "--before-cmd",
+        default=None,
+        help="command that runs another studioserve (e.g. the previous commit) measured "
+        "beside this one in the same run ('x before' = this one's items/s over its)",
+    )
     p.add_argument("--no-bulk", action="store_true", help="skip the bulk case")
     add_run_options(p)
     p.add_argument(

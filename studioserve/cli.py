@@ -425,7 +425,9 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     type=click.IntRange(min=1),
     default=_default("threads"),
     show_default=True,
-    help="HTTP worker threads (with several models and no --threads: 16 per model, 32 to 128).",
+    help="threads for the status page, probes, management routes and models without a pipe "
+    "(every request on waitress); with several models and no --threads: 16 per model, 32 to "
+    "128. Requests to batching models wait on the event loop, holding none.",
 )
 @click.option(
     "--request-timeout",
@@ -449,7 +451,8 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     show_default="auto",
     help="Shed load: answer 503 + Retry-After at once when the work queued ahead of a request "
     "would keep it waiting longer than this (default: a quarter of --request-timeout, at most "
-    "1000). Concurrent inference requests are also capped at --threads minus an eighth.",
+    "1000). Requests that hold a thread (models without a pipe; all on waitress) are also capped "
+    "at --threads minus an eighth.",
 )
 @click.option(
     "--http-server",

@@ -1,8 +1,10 @@
-"""The embedded HTTP servers: granian (Rust, WSGI interface) and waitress, in this process.
+"""The embedded HTTP servers: granian (Rust, RSGI interface) and waitress, in this process.
 
 Both run in background threads of the serving process, so the loaded model and its batching
 pipe are shared by every request; :func:`make_http_server` picks one by name and the returned
-server's ``kind`` says which one actually runs.
+server's ``kind`` says which one actually runs. Each is given the :class:`ServedApp` and takes
+the interface it speaks: granian the RSGI app (:mod:`.rsgi`: inference as coroutines on its
+loop, the rest through the WSGI app in a thread pool), waitress the WSGI app.
 
 **Why granian is embedded through its internals.** granian's public entry points
 (``granian.Granian(...).serve()``, the ``granian`` CLI) own the process: they import the app
@@ -55,8 +57,24 @@ GRANIAN_TESTED = ">=2.8,<2.9"
 _MTSERVER_NAMES = ("_check_gil", "startup", "serve", "signal_handler_interrupt")
 
 
+@dataclass(frozen=True)
+class ServedApp:
+    """One server's application in both interfaces.
+
+    :param wsgi: the WSGI app (Flask behind FastPredict).
+    :param rsgi: the RSGI app (:class:`~studioserve.http.rsgi.RsgiApp`), for granian.
+    """
+
+    wsgi: Any
+    rsgi: Any = None
+
+
+def _wsgi_of(app: Any) -> Any:
+    return app.wsgi if isinstance(app, ServedApp) else app
+
+
 class HttpServer(Protocol):
-    """A WSGI server that runs in background threads."""
+    """An HTTP server that runs in background threads."""
 
     #: which server this is: ``"granian"`` or ``"waitress"``.
     kind: str
@@ -111,26 +129,33 @@ def _wait_listening(host: str, port: int, timeout: float, alive: Callable[[], bo
     raise ConfigError(f"the HTTP server did not start listening on {host}:{port} in {timeout}s")
 
 
-def _granian_kwargs(host: str, port: int, threads: int) -> dict[str, Any]:
-    """The keyword arguments :class:`GranianServer` passes to the ``MTServer`` constructor."""
+def _granian_kwargs(host: str, port: int, threads: int, interface: str = "rsgi") -> dict[str, Any]:
+    """The keyword arguments :class:`GranianServer` passes to the ``MTServer`` constructor.
+
+    With RSGI, granian's blocking threads must be 1 (the app's own pool runs the blocking
+    work, :class:`~studioserve.http.rsgi.RsgiApp`); with WSGI they are the app's threads.
+    """
     return {
         "address": host,
         "port": port,
-        "interface": "wsgi",
+        "interface": interface,
         "workers": 1,
-        "blocking_threads": threads,
+        "blocking_threads": threads if interface == "wsgi" else 1,
         "log_enabled": False,
         "backlog": 2048,
     }
 
 
 class GranianServer:
-    """granian's Rust HTTP server, WSGI interface, embedded in this process (one worker)."""
+    """granian's Rust HTTP server embedded in this process (one worker): the RSGI app when
+    the :class:`ServedApp` has one, else its WSGI app."""
 
     kind = "granian"
 
     def __init__(self, app: Any, host: str, port: int, threads: int) -> None:
-        self.app = app
+        rsgi = app.rsgi if isinstance(app, ServedApp) else None
+        self.interface = "wsgi" if rsgi is None else "rsgi"
+        self.app = _wsgi_of(app) if rsgi is None else rsgi
         self.host = host
         self.port = _probe_port(host, port)
         self.threads = threads
@@ -148,7 +173,8 @@ class GranianServer:
 
     def start(self) -> None:
         self._server = _embedded_granian()(
-            "studioserve:app", **_granian_kwargs(self.host, self.port, self.threads)
+            "studioserve:app",
+            **_granian_kwargs(self.host, self.port, self.threads, self.interface),
         )
         self._thread = threading.Thread(target=self._run, name="studioserve-http", daemon=True)
         self._thread.start()
@@ -165,6 +191,9 @@ class GranianServer:
         if self._thread is not None:
             self._thread.join(15.0)
             self._thread = None
+        close = getattr(self.app, "close", None)  # the RSGI app's thread pool
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -346,7 +375,7 @@ class WaitressServer:
 
         try:
             self._server = waitress.server.create_server(
-                _waitress_app(app),
+                _waitress_app(_wsgi_of(app)),
                 host=host,
                 port=port,
                 threads=threads,

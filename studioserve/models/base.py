@@ -21,6 +21,8 @@ how many and where, read from the pipe's model stage.
 from __future__ import annotations
 
 import abc
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ from ..errors import (
     RequestFailed,
 )
 from ..pipelines import ModelPipe
+from ..pipelines.completion import deadline_watch
 from ..tensors import TensorSpec, check_example
 
 logger = logging.getLogger(__name__)
@@ -123,6 +126,23 @@ class Model(abc.ABC):
         :raises RequestFailed: with the status and per-key messages when any key fails.
         """
 
+    async def predict_async(
+        self, data: dict[str, Any], *, timeout: float, alone: bool = False
+    ) -> dict[str, Any]:
+        """:meth:`predict` for a coroutine on an event loop.
+
+        By default :meth:`predict` runs in the loop's executor (a model that is one call per
+        request: a callable, an ensemble); :class:`PipeModel` awaits its pipe instead, with no
+        thread of its own per request.
+
+        :param alone: no other request is in flight for this model (a hint: an idle, cheap
+            pipe then computes the request in the calling thread).
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, functools.partial(self.predict, data, timeout=timeout)
+        )
+
     def describe(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs) or "any"
         outs = ", ".join(s.describe() for s in self.outputs) or "any"
@@ -183,8 +203,8 @@ class PipeModel(Model):
         placed = tuple(d for d in labels if d is not None)
         return placed if len(placed) == len(labels) else ()
 
-    def predict(self, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        pipe = self._pipe
+    def _items(self, data: dict[str, Any]) -> dict[str, tuple[Any, bool]]:
+        """Each key's item, checked against the signature (``(item, unwrap its result)``)."""
         specs = self.inputs
         items: dict[str, tuple[Any, bool]] = {}
         bad: dict[str, PipelineError] = {}
@@ -195,46 +215,116 @@ class PipeModel(Model):
                 bad[key] = e
         if bad:
             raise _failure(bad, len(data))
+        return items
+
+    def predict(self, data: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        pipe = self._pipe
+        items = self._items(data)
         deadline = time.monotonic() + timeout
         futures: dict[str, Future[Any]] = {}
         try:
             for key, (item, _) in items.items():
                 futures[key] = pipe.submit(item, key=key, deadline=deadline)
-        except Overloaded as e:
-            for f in futures.values():
-                f.cancel()
-            raise RequestFailed(
-                f"the server is overloaded ({e}); retry after {e.retry_after:g}s",
-                status=503,
-                error_type="overloaded",
-                retry_after=e.retry_after,
-            ) from e
         except PipelineError as e:
             for f in futures.values():
                 f.cancel()
-            raise RequestFailed(str(e), status=e.http_status, error_type=e.error_type) from e
+            raise _refused(e) from e
         out: dict[str, Any] = {}
+        bad: dict[str, PipelineError] = {}
         for key, fut in futures.items():
             try:
                 result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 fut.cancel()
-                bad[key] = DeadlineExceeded(
-                    f"key {key!r}: no result within the request timeout of {timeout:g}s",
-                    key=key,
-                )
+                bad[key] = _late(key, timeout)
                 continue
-            except PipelineError as e:
-                bad[key] = e
-                continue
-            except Exception as e:  # a pipe bug; keep serving
-                logger.exception("key %r failed unexpectedly", key)
-                bad[key] = PipelineError(f"key {key!r}: {type(e).__name__}: {e}", key=key)
+            except Exception as e:
+                bad[key] = _key_error(key, e)
                 continue
             out[key] = _unwrap(result) if items[key][1] else result
         if bad:
             raise _failure(bad, len(data))
         return out
+
+    async def predict_async(
+        self, data: dict[str, Any], *, timeout: float, alone: bool = False
+    ) -> dict[str, Any]:
+        """:meth:`predict` on an event loop: the items are awaited on the loop (completed a
+        batch at a time by the pipe's worker), and the loop's deadline watch fails what is
+        left at the deadline. A lone one-key request on an idle, cheap pipe is computed right here
+        (``alone``, :meth:`ModelPipe.submit_async`): no hand-off, no timer."""
+        pipe = self._pipe
+        items = self._items(data)
+        deadline = time.monotonic() + timeout
+        futures: dict[str, asyncio.Future[Any]] = {}
+        inline = alone and len(items) == 1
+        try:
+            for key, (item, _) in items.items():
+                futures[key] = pipe.submit_async(item, key=key, deadline=deadline, inline=inline)
+        except PipelineError as e:
+            for f in futures.values():
+                f.cancel()
+            raise _refused(e) from e
+        if inline:
+            ((key, fut),) = futures.items()
+            if fut.done():
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    raise _failure({key: _key_error(key, e)}, 1) from None
+                return {key: _unwrap(result) if items[key][1] else result}
+        watch = deadline_watch(asyncio.get_running_loop())
+        token = watch.add(deadline, functools.partial(_expire, futures, timeout))
+        out: dict[str, Any] = {}
+        bad: dict[str, PipelineError] = {}
+        try:
+            for key, fut in futures.items():
+                try:
+                    result = await fut
+                except Exception as e:
+                    bad[key] = _key_error(key, e)
+                    continue
+                out[key] = _unwrap(result) if items[key][1] else result
+        finally:
+            watch.discard(token)
+            for f in futures.values():  # an abandoned request leaves nothing for the worker
+                f.cancel()
+        if bad:
+            raise _failure(bad, len(data))
+        return out
+
+
+def _expire(futures: dict[str, asyncio.Future[Any]], timeout: float) -> None:
+    """At the deadline: fail every item still waiting (the loop's timer)."""
+    for key, fut in futures.items():
+        if not fut.done():
+            fut.set_exception(_late(key, timeout))
+
+
+def _late(key: str, timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"key {key!r}: no result within the request timeout of {timeout:g}s", key=key
+    )
+
+
+def _key_error(key: str, e: Exception) -> PipelineError:
+    """A key's failure as a PipelineError (a pipe bug is logged and kept apart)."""
+    if isinstance(e, PipelineError):
+        return e
+    logger.exception("key %r failed unexpectedly", key)
+    return PipelineError(f"key {key!r}: {type(e).__name__}: {e}", key=key)
+
+
+def _refused(e: PipelineError) -> RequestFailed:
+    """The request's answer when the pipe would not take one of its items."""
+    if isinstance(e, Overloaded):
+        return RequestFailed(
+            f"the server is overloaded ({e}); retry after {e.retry_after:g}s",
+            status=503,
+            error_type="overloaded",
+            retry_after=e.retry_after,
+        )
+    return RequestFailed(str(e), status=e.http_status, error_type=e.error_type)
 
 
 def _failure(bad: dict[str, PipelineError], total: int) -> RequestFailed:

@@ -13,8 +13,10 @@ fed by the stage's one queue.
 This module holds the pipe itself: building it, starting and closing its stages, submitting
 items, and its stats and listeners. Two ways in:
 
-* service mode: :meth:`ModelPipe.submit` returns a :class:`concurrent.futures.Future`; items
-  submitted by many threads meet in a batching stage's queue and run in one call;
+* service mode: :meth:`ModelPipe.submit` returns a :class:`concurrent.futures.Future`, and
+  :meth:`ModelPipe.submit_async` an :class:`asyncio.Future` of the calling loop (completed a
+  batch at a time, :mod:`~studioserve.pipelines.completion`); items submitted by many threads
+  and coroutines meet in a batching stage's queue and run in one call;
 * Studio.ML's mode: ``pipe(data)`` / :meth:`~ModelPipe.apply_ordered` on a dict, list, set or
   generator, which streams the items through the same threads
   (:mod:`~studioserve.pipelines.studioml`).
@@ -22,6 +24,7 @@ items, and its stats and listeners. Two ways in:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -31,9 +34,20 @@ from typing import Any
 
 from ..errors import PipeClosed
 from . import studioml
+from .completion import LoopSlot, completions_for
 from .events import BatchEvent, InstanceStats, PipeLoad, PipeStats, StageStats, logger
 from .options import StageOptions
-from .stage import Counters, Func, Item, Listener, Stage, expired, fail_item, item_failed
+from .stage import (
+    Completion,
+    Counters,
+    Func,
+    Item,
+    Listener,
+    Stage,
+    expired,
+    fail_item,
+    item_failed,
+)
 
 __all__ = ["BatchEvent", "InstanceStats", "ModelPipe", "PipeLoad", "PipeStats", "StageStats"]
 
@@ -337,15 +351,42 @@ class ModelPipe:
                 raise ValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
             limit = _monotonic() + timeout
             deadline = limit if deadline is None else min(deadline, limit)
-        return self._submit(item, key, deadline, False)
+        fut: Future[Any] = Future()
+        self._submit(item, key, deadline, False, fut)
+        return fut
 
-    def _submit(self, item: Any, key: Any, deadline: float | None, block: bool) -> Future[Any]:
+    def submit_async(
+        self, item: Any, *, key: Any = None, deadline: float | None = None, inline: bool = False
+    ) -> asyncio.Future[Any]:
+        """:meth:`submit` for a coroutine: a future of the running loop.
+
+        The worker completes it on the loop's thread, with every other item of its batch that
+        the loop awaits in one hand-off. Call it on the loop's thread; a future the caller
+        cancels or completes (say, at its deadline) is skipped.
+
+        :param inline: the caller has no other request in flight for this pipe: if the stage
+            is idle and cheap, compute the item here (the future is done on return; see
+            :meth:`Stage.run_inline <studioserve.pipelines.stage.Stage.run_inline>`).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._submit(item, key, deadline, False, LoopSlot(fut, completions_for(loop)), inline)
+        return fut
+
+    def _submit(
+        self,
+        item: Any,
+        key: Any,
+        deadline: float | None,
+        block: bool,
+        fut: Completion,
+        inline: bool = False,
+    ) -> None:
         """Run the head functions here and hand the item to the first stage (if any)."""
         if self._closed:
             raise PipeClosed(f"pipe {self.name!r} is closed; it accepts no more items", key=key)
         if not self._started:
             self.start()
-        fut: Future[Any] = Future()
         rec = Item(key, item, fut, deadline)
         value = item
         for sname, f in self._head:
@@ -353,7 +394,7 @@ class ModelPipe:
                 value = f(value)
             except Exception as e:
                 fail_item(rec, item_failed(e, key, sname))
-                return fut
+                return
         stage = self._stages[0] if self._stages else None
         if stage is None:
             try:
@@ -362,12 +403,11 @@ class ModelPipe:
                 pass
             with self._lock:
                 self._inline_done += 1
-            return fut
+            return
         if deadline is not None and _monotonic() > deadline:
             fail_item(rec, expired(key, stage.name, 0.0))
-            return fut
-        stage.enter(rec, value, block)
-        return fut
+            return
+        stage.enter(rec, value, block, inline and len(self._stages) == 1)
 
     # -- observability -------------------------------------------------------------------------
     def add_listener(self, callback: Callable[[BatchEvent], Any]) -> None:

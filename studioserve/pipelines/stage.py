@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from typing import Any, Protocol
 
 from numpy import ndarray
 
@@ -52,13 +52,39 @@ from .events import BatchEvent, logger
 from .keras_stage import KerasRunner, clone_runner
 from .options import StageOptions
 
-__all__ = ["Counters", "Func", "Item", "Listener", "Stage", "expired", "fail_item", "item_failed"]
+__all__ = [
+    "Completion",
+    "Counters",
+    "Func",
+    "Item",
+    "Listener",
+    "Stage",
+    "expired",
+    "fail_item",
+    "item_failed",
+]
 
 _monotonic = time.monotonic
 _perf = time.perf_counter
 
+#: the longest measured batch time for which an idle stage computes a lone item in the
+#: submitting thread (:meth:`Stage.run_inline`): about what the two thread hand-offs it saves
+#: cost, so a model that slow loses little by it and a slower one never blocks the caller
+INLINE_MAX_SECONDS = 0.0005
+
 Func = Callable[[Any], Any]
 Listener = Callable[[BatchEvent], Any]
+
+
+class Completion(Protocol):
+    """What an item's result goes to: a :class:`concurrent.futures.Future`, or a
+    :class:`~studioserve.pipelines.completion.LoopSlot` for a coroutine."""
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def cancelled(self) -> bool: ...
 
 
 class Item:
@@ -66,7 +92,9 @@ class Item:
 
     __slots__ = ("deadline", "future", "key", "value")
 
-    def __init__(self, key: Any, value: Any, future: Future[Any], deadline: float | None) -> None:
+    def __init__(
+        self, key: Any, value: Any, future: Completion | Future[Any], deadline: float | None
+    ) -> None:
         self.key = key
         self.value = value
         self.future = future
@@ -145,6 +173,12 @@ class Stage:
         self.counters: list[Counters] = []
         self.rejected = 0  # items failed on the way in (filter, input checks); under _lock
         self._lock = threading.Lock()
+        #: held by whoever computes on instance ``i`` (its worker, or an inline call)
+        self.computing = [threading.Lock() for _ in self.funcs]
+        #: whether an idle stage may compute an item in the submitting thread
+        #: (:meth:`run_inline`): unless ``max_delay`` asks every batch to wait for more items
+        #: (``linger`` waits only while the stage is busy, never for a lone item)
+        self.inlinable = not batching or options.max_delay == 0.0
 
     def _instances(self, options: StageOptions) -> list[Func]:
         """The function of each instance; for a Keras model, a warmed runner per copy (and
@@ -197,10 +231,12 @@ class Stage:
         return list(runners)
 
     # -- on the way in -------------------------------------------------------------------------
-    def enter(self, rec: Item, value: Any, block: bool) -> bool:
+    def enter(self, rec: Item, value: Any, block: bool, inline: bool = False) -> bool:
         """Check ``value`` for this stage and queue it; False when the item failed instead.
 
         :param block: wait for room in the queue (else raise :class:`Overloaded` when full).
+        :param inline: compute it here and now if the stage is idle and its calls are cheap
+            (:meth:`run_inline`), else queue it.
         """
         if self.filterf is not None:
             try:
@@ -233,6 +269,8 @@ class Stage:
         else:
             rows = 1
         rec.value = value
+        if inline and self.run_inline(rec, rows):
+            return True
         if block:
             try:
                 self.queue.put_wait(rec, rows)
@@ -318,14 +356,11 @@ class Stage:
     def _work(self, counters: Counters, index: int) -> None:
         """Worker ``index``'s loop: instance ``index``'s batches until the queue closes."""
         get = self.queue.get_batch_entries
-        record = self.queue.record
         timeout = self.timeout
         name = self.name
-        nxt = self.next
-        post = self.post
         batching = self.batching
         func = self.funcs[index]
-        listeners = self.listeners
+        computing = self.computing[index]
         fail = fail_item
         while True:
             entries = get()
@@ -351,61 +386,112 @@ class Stage:
                 waits.append(w)
             if not recs:
                 continue
-            n = len(recs)
-            nrows = sum(rows)
+            with computing:
+                t0 = _perf()
+                if batching:
+                    outs = self._compute_batch(func, recs, rows)
+                else:
+                    rec = recs[0]
+                    try:
+                        outs = [func(rec.value)]
+                    except Exception as e:
+                        outs = [_Failure(item_failed(e, rec.key, name))]
+                dt = _perf() - t0
+                self._finish(counters, index, recs, rows, waits, outs, dt)
+
+    def run_inline(self, rec: Item, rows: int) -> bool:
+        """Compute one item now, in this thread, as a batch of one; False (nothing done) unless
+        the stage is idle: no item queued, instance 0 not computing, nothing configured to wait
+        for more items, and its measured batch time under :data:`INLINE_MAX_SECONDS`.
+
+        A lone request then pays no thread hand-off either way; under concurrency the items
+        queue and batch as always (the caller only asks when no other request is in flight
+        for this model). Counted, timed and reported exactly as a worker's batch.
+        """
+        ema = self.queue.compute_ema
+        if not self.inlinable or self.next is not None or not 0.0 < ema <= INLINE_MAX_SECONDS:
+            return False
+        lock = self.computing[0]
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            if len(self.queue):
+                return False
+            func = self.funcs[0]
             t0 = _perf()
-            if batching:
-                outs = self._compute_batch(func, recs, rows)
+            if self.batching:
+                outs = self._compute_batch(func, [rec], [rows])
             else:
-                rec = recs[0]
                 try:
                     outs = [func(rec.value)]
                 except Exception as e:
-                    outs = [_Failure(item_failed(e, rec.key, name))]
+                    outs = [_Failure(item_failed(e, rec.key, self.name))]
             dt = _perf() - t0
-            record(nrows, dt)
-            # bookkeeping first: once futures complete, their owners wait for this thread's GIL
-            counters.items += n
-            counters.batches += 1
-            counters.compute += dt
-            counters.wait += sum(waits)
-            hist = counters.hist
-            hist[nrows] = hist.get(nrows, 0) + 1
-            if nxt is None and not post:
-                # the common case, kept lean: every item completes here
-                failed = sum(type(out) is _Failure for out in outs)
-                counters.failures += failed
-                counters.done += n
-                for rec, out in zip(recs, outs, strict=True):
-                    if type(out) is _Failure:
-                        fail(rec, out.error)
-                        continue
+            self._finish(self.counters[0], 0, [rec], [rows], [0.0], outs, dt)
+        finally:
+            lock.release()
+        return True
+
+    def _finish(
+        self,
+        counters: Counters,
+        index: int,
+        recs: list[Item],
+        rows: list[int],
+        waits: list[float],
+        outs: list[Any],
+        dt: float,
+    ) -> None:
+        """After one batch on instance ``index``: count it, complete or pass on each item,
+        tell the listeners (under the instance's lock: its counters have one writer)."""
+        n = len(recs)
+        nrows = sum(rows)
+        self.queue.record(nrows, dt)
+        # bookkeeping first: once futures complete, their owners wait for this thread's GIL
+        counters.items += n
+        counters.batches += 1
+        counters.compute += dt
+        counters.wait += sum(waits)
+        hist = counters.hist
+        hist[nrows] = hist.get(nrows, 0) + 1
+        nxt = self.next
+        post = self.post
+        fail = fail_item
+        if nxt is None and not post:
+            # the common case, kept lean: every item completes here
+            failed = sum(type(out) is _Failure for out in outs)
+            counters.failures += failed
+            counters.done += n
+            for rec, out in zip(recs, outs, strict=True):
+                if type(out) is _Failure:
+                    fail(rec, out.error)
+                    continue
+                try:
+                    rec.future.set_result(out)
+                except InvalidStateError:  # cancelled by its owner
+                    pass
+        else:
+            failed = 0
+            for rec, out in zip(recs, outs, strict=True):
+                if post and type(out) is not _Failure:
+                    out = _run_post(post, rec, out)
+                if type(out) is _Failure:
+                    failed += 1
+                    counters.failures += 1
+                    counters.done += 1
+                    fail(rec, out.error)
+                elif nxt is None:
+                    counters.done += 1
                     try:
                         rec.future.set_result(out)
                     except InvalidStateError:  # cancelled by its owner
                         pass
-            else:
-                failed = 0
-                for rec, out in zip(recs, outs, strict=True):
-                    if post and type(out) is not _Failure:
-                        out = _run_post(post, rec, out)
-                    if type(out) is _Failure:
-                        failed += 1
-                        counters.failures += 1
-                        counters.done += 1
-                        fail(rec, out.error)
-                    elif nxt is None:
-                        counters.done += 1
-                        try:
-                            rec.future.set_result(out)
-                        except InvalidStateError:  # cancelled by its owner
-                            pass
-                    elif not nxt.enter(rec, out, True):
-                        counters.done += 1
-            if listeners:
-                self._notify(
-                    BatchEvent(name, n, nrows, tuple(waits), dt, n - failed, failed, index)
-                )
+                elif not nxt.enter(rec, out, True):
+                    counters.done += 1
+        if self.listeners:
+            self._notify(
+                BatchEvent(self.name, n, nrows, tuple(waits), dt, n - failed, failed, index)
+            )
 
     def _notify(self, event: BatchEvent) -> None:
         for cb in list(self.listeners):

@@ -37,8 +37,11 @@ class Streamable(Protocol):
     @property
     def max_batch_size(self) -> int: ...
 
-    def _submit(self, item: Any, key: Any, deadline: float | None, block: bool) -> Future[Any]:
-        """Send one item in; ``block``: wait for room in the first stage's queue."""
+    def _submit(
+        self, item: Any, key: Any, deadline: float | None, block: bool, fut: Future[Any]
+    ) -> None:
+        """Send one item in, to complete ``fut``; ``block``: wait for room in the first
+        stage's queue."""
         ...
 
 
@@ -95,7 +98,8 @@ def _stream_gen(
             except StopIteration:
                 exhausted = True
                 break
-            fut = pipe._submit(value, key, None, True)
+            fut: Future[Any] = Future()
+            pipe._submit(value, key, None, True, fut)
             outstanding += 1
             if ordered:
                 pending.append((key, fut))

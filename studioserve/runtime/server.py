@@ -32,6 +32,7 @@ from typing import Any
 from .. import _allocator
 from ..config import ServeConfig, resolve_store_url
 from ..http.app import create_app, drain_of
+from ..http.rsgi import served_app
 from ..http.servers import HttpServer, make_http_server, url_for
 from ..http.state import AppState, ServerInfo, state_of
 from ..models import Model
@@ -131,14 +132,21 @@ class ModelServer:
             )
             state_of(self.app).shutdown_at = self.shutdown_at
             self.http = make_http_server(
-                self.app, cfg.host, cfg.port, self.threads, self.http_server
+                served_app(self.app, self.threads),
+                cfg.host,
+                cfg.port,
+                self.threads,
+                self.http_server,
             )
+            # on granian's loop a request holds no thread while its pipe computes it
+            state_of(self.app).admission.threads_per_request = self.http.kind != "granian"
             for entry in self.repository.models():  # worker threads up before the first request
                 for served in entry.versions.values():
                     served.model.start()
             _allocator.tune()
             activity = self.service.activity
             self._trimmer = _allocator.Trimmer(lambda: activity.accepted).start()
+            _allocator.settle_gc()  # undone with the trimmer's close
             self.http.start()
             self.service.ready = True
             if cfg.watch is not None:
@@ -177,13 +185,15 @@ class ModelServer:
     # -- run and stop ------------------------------------------------------------------------
 
     def _monitor(self) -> None:
-        """Fire the inactivity timer; log a one-line summary every minute."""
+        """Fire the inactivity timer, flush the telemetry buffers, log a summary every minute."""
         assert self.service is not None
         activity = self.service.activity
         killafter = self.config.killafter
-        tick = min(1.0, max(0.05, killafter / 20)) if killafter > 0 else 1.0
+        tick = min(TELEMETRY_FLUSH, max(0.05, killafter / 20)) if killafter > 0 else TELEMETRY_FLUSH
         last_summary, last_count = time.monotonic(), activity.accepted
+        telemetry = self.state.telemetry
         while not self._stop.wait(tick):
+            telemetry.flush(wait=False)  # buffered requests and batches, off the request path
             now = time.monotonic()
             if now - last_summary >= SUMMARY_INTERVAL:
                 count = activity.accepted
@@ -255,6 +265,8 @@ class ModelServer:
             self._watcher.join(5.0)
         if self._trimmer is not None:
             self._trimmer.close()
+            self._trimmer = None
+            _allocator.unsettle_gc()
         if service is not None:
             service.close()
         else:
@@ -291,6 +303,10 @@ def _signals_stop(server: ModelServer) -> Iterator[None]:
         for sig, old in saved.items():
             signal.signal(sig, old)
 
+
+#: seconds between the monitor thread's telemetry flushes (which keep the buffers small and
+#: their delivery off the request path)
+TELEMETRY_FLUSH = 0.25
 
 #: the most HTTP threads the automatic sizing picks (``--threads`` sets any number)
 MAX_AUTO_THREADS = 128

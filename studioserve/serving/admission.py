@@ -105,6 +105,11 @@ class AdmissionController:
         self.pipe = pipe
         self.max_queue_time = float(max_queue_time)
         self.max_in_flight = max_in_flight
+        #: whether every admitted request holds an HTTP thread until it is answered (a WSGI
+        #: server); False on an event loop, where only a request to a model without a pipe
+        #: does (its call runs in the executor), so the cap binds only those: a pipe's
+        #: requests wait in its queue, where the queue-time rule sees them
+        self.threads_per_request = True
         self._lock = threading.Lock()
         self._in_flight = 0
         self._per_pipe: dict[int, int] = {}  # id(pipe) -> admitted requests on that model
@@ -165,10 +170,19 @@ class AdmissionController:
         open; a slow one, one not yet measured, or one whose rate is unknown (no pipe, or no
         batching stage) is capped, so the backlog drains as 503s.
         """
-        if load is None or load.round_rows < 1 or load.batch_seconds <= 0:
+        if load is None or load.round_rows < 1:
+            return True
+        if not self.threads_per_request:
+            return False
+        if load.batch_seconds <= 0:
             return True
         turnover = cap * load.batch_seconds / load.round_rows
         return turnover > self.max_queue_time / 16
+
+    def alone(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> bool:
+        """Whether at most one request (the caller's) is admitted for ``pipe`` now."""
+        key = id(self.pipe if isinstance(pipe, _Default) else pipe)
+        return self._per_pipe.get(key, 0) <= 1
 
     def release(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> None:
         """Give back the slot :meth:`admit` took (for the same ``pipe``)."""

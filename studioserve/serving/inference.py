@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,8 @@ class InferenceRequest:
     :param header: a request header by its HTTP name (``"Content-Type"``), or None.
     :param model: the model the URL names, if any (``POST /`` names none).
     :param version: the model version the URL names, if any.
+    :param aread: reads the whole body on an event loop (an asynchronous transport), used by
+        :meth:`RequestHandler.handle_async` instead of ``read``.
     :param target: the version the request runs on, set by the request path once resolved.
     """
 
@@ -67,6 +69,7 @@ class InferenceRequest:
     header: Callable[[str], str | None] = _no_header
     model: str | None = None
     version: str | None = None
+    aread: Callable[[], Awaitable[bytes]] | None = None
     target: ServedVersion | None = None
 
 
@@ -111,8 +114,34 @@ class Protocol(abc.ABC):
         """The reply for an error: the protocol's status for it and its error body."""
 
 
+class _Predict:
+    """What the request path yields to its driver when it needs the model: run it."""
+
+    __slots__ = ("alone", "data", "model", "timeout")
+
+    def __init__(self, model: Any, data: dict[str, Any], timeout: float, alone: bool) -> None:
+        self.model = model
+        self.data = data
+        self.timeout = timeout
+        #: no other request is in flight for this model (predict_async's hint)
+        self.alone = alone
+
+
+#: what the request path yields to its driver when it needs the body
+_READ = object()
+
+#: one request's path: yields ``_READ`` (sent the body) and ``_Predict`` (sent the result),
+#: returns the reply; an error of either is thrown into it
+_Steps = Generator[object, Any, Reply]
+
+
 class RequestHandler:
     """The request path for one protocol over one :class:`ModelService`.
+
+    The path is written once, as a generator (:meth:`_steps`) that yields where it waits:
+    for the body and for the model. :meth:`handle` drives it on the calling thread (WSGI);
+    :meth:`handle_async` drives it on an event loop, awaiting the body and the model, with no
+    thread of its own. Both run the same checks in the same order.
 
     :param service: the model service.
     :param protocol: the wire protocol.
@@ -138,21 +167,70 @@ class RequestHandler:
         self.admission = admission
 
     def handle(self, request: InferenceRequest) -> Reply:
-        """Answer one inference request (never raises)."""
+        """Answer one inference request on this thread (never raises)."""
         start = _perf()
+        steps = self._steps(request)
         try:
-            reply = self._handle(request)
+            need = steps.send(None)
+            while True:
+                try:
+                    if need is _READ:
+                        value = request.read()
+                    else:
+                        assert isinstance(need, _Predict)
+                        value = need.model.predict(need.data, timeout=need.timeout)
+                except Exception as e:
+                    need = steps.throw(e)
+                else:
+                    need = steps.send(value)
+        except StopIteration as stop:
+            return self._answered(request, stop.value, start)
         except Exception as e:  # a bug in a codec or the model layer: keep serving
-            logger.exception("unexpected error in the %s request path", self.protocol.route)
-            reply = self.protocol.error(
-                StudioServeError(f"internal server error: {type(e).__name__}")
-            )
+            return self._answered(request, self._internal(e), start)
+
+    async def handle_async(self, request: InferenceRequest) -> Reply:
+        """Answer one inference request on the running event loop (never raises).
+
+        The body comes from ``request.aread`` when it has one (else ``read``), the result
+        from the model's ``predict_async``.
+        """
+        start = _perf()
+        steps = self._steps(request)
+        try:
+            need = steps.send(None)
+            while True:
+                try:
+                    if need is _READ:
+                        aread = request.aread
+                        value = request.read() if aread is None else await aread()
+                    else:
+                        assert isinstance(need, _Predict)
+                        value = await need.model.predict_async(
+                            need.data, timeout=need.timeout, alone=need.alone
+                        )
+                except Exception as e:
+                    need = steps.throw(e)
+                else:
+                    need = steps.send(value)
+        except StopIteration as stop:
+            return self._answered(request, stop.value, start)
+        except Exception as e:  # a bug in a codec or the model layer: keep serving
+            return self._answered(request, self._internal(e), start)
+        finally:
+            steps.close()  # a cancelled request (client gone) releases its lease and slot
+
+    def _answered(self, request: InferenceRequest, reply: Reply, start: float) -> Reply:
+        """Tell the observers about the reply (one record) and return it."""
         self.observers.on_request(
             self.protocol.route, reply.status, _perf() - start, request.target
         )
         return reply
 
-    def _handle(self, request: InferenceRequest) -> Reply:
+    def _internal(self, e: Exception) -> Reply:
+        logger.error("unexpected error in the %s request path", self.protocol.route, exc_info=e)
+        return self.protocol.error(StudioServeError(f"internal server error: {type(e).__name__}"))
+
+    def _steps(self, request: InferenceRequest) -> _Steps:
         protocol = self.protocol
         service = self.service
         try:
@@ -163,11 +241,11 @@ class RequestHandler:
             return protocol.error(e)
         request.target = target
         try:
-            return self._admitted(request, target)
+            return (yield from self._admitted(request, target))
         finally:
             target.release()
 
-    def _admitted(self, request: InferenceRequest, target: ServedVersion) -> Reply:
+    def _admitted(self, request: InferenceRequest, target: ServedVersion) -> _Steps:
         protocol = self.protocol
         admission = self.admission
         pipe = target.model.pipe
@@ -178,30 +256,42 @@ class RequestHandler:
             if admission is not None:
                 admission.admit(pipe)
         except Saturated as e:
-            _drain(request)
+            # read and drop the body of a refused request, so its keep-alive connection
+            # stays usable: a server that answers before reading the body must close the
+            # connection, and a client already sending its next request on it gets a
+            # connection error instead of the 503; reading a body (at most --max-body,
+            # checked above) costs far less than decoding it
+            try:
+                yield _READ
+            except Exception:  # TooLarge, a client gone: the reply is what matters
+                pass
             return protocol.error(e)
         except StudioServeError as e:
             return protocol.error(e)
         if admission is None:
-            return self._serve(request, target)
+            return (yield from self._serve(request, target))
         try:
-            return self._serve(request, target)
+            return (yield from self._serve(request, target))
         finally:
             admission.release(pipe)
 
-    def _serve(self, request: InferenceRequest, target: ServedVersion) -> Reply:
+    def _serve(self, request: InferenceRequest, target: ServedVersion) -> _Steps:
         protocol = self.protocol
         service = self.service
         try:
-            data, context = protocol.decode(request.read(), request)
+            data, context = protocol.decode((yield _READ), request)
         except StudioServeError as e:
             return protocol.error(e)
         activity = service.activity
         activity.begin()
         try:
             timeout = getattr(context, "timeout", None)
-            result = target.model.predict(
-                data, timeout=service.request_timeout if timeout is None else timeout
+            admission = self.admission
+            result = yield _Predict(
+                target.model,
+                data,
+                service.request_timeout if timeout is None else timeout,
+                admission is not None and admission.alone(target.model.pipe),
             )
             payload, headers = protocol.encode(result, context, request)
         except StudioServeError as e:
@@ -209,16 +299,3 @@ class RequestHandler:
         finally:
             activity.end()
         return Reply(200, headers, payload)
-
-
-def _drain(request: InferenceRequest) -> None:
-    """Read and drop the body of a refused request, so its keep-alive connection stays usable.
-
-    An HTTP server that answers before reading the body must close the connection, and a
-    client already sending its next request on it gets a connection error instead of the 503.
-    Reading a body (at most ``--max-body``, checked before) costs far less than decoding it.
-    """
-    try:
-        request.read()
-    except Exception:  # TooLarge, a client gone: the reply is what matters
-        pass

@@ -260,9 +260,10 @@ class ModelRepository:
         :raises ModelNotChosen: when several models are served (the message lists them).
         :raises ModelNotFound: when none is.
         """
-        names = self.names()
-        if len(names) == 1:
-            return names[0]
+        snapshot = self._models
+        if len(snapshot) == 1:  # the common case, without sorting per request
+            return next(iter(snapshot))
+        names = sorted(snapshot)
         if not names:
             raise ModelNotFound("this server serves no model at the moment")
         raise ModelNotChosen(

@@ -7,15 +7,27 @@ installed) and :class:`~.triton_stats.ModelStatistics` (Triton's statistics exte
 :class:`Telemetry` builds them for the server and attaches them to every model version the
 repository serves (one Triton statistics per version; the status page's series and the
 Prometheus metrics for the whole server, with per-model families).
+
+The three are bulk observers: a request only appends one record to :attr:`Telemetry.observers`
+(no lock), and a flush hands them the records grouped. Batches are buffered the same way: the
+pipe listener appends the event (and the time it finished), and :meth:`Telemetry.flush`
+delivers the batches, then the requests. Every reader flushes first (the live series'
+``snapshot``, each statistics' ``json``, every collection of the Prometheus registry), the
+runtime's monitor thread flushes a few times a second (off the request path), and a batch
+listener does once :data:`FLUSH_AT` batches or records wait; the request that fills the
+buffer (:data:`~studioserve.serving.observer.DEFAULT_BOUND`) flushes it too.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from ..pipelines import BatchEvent
-from ..serving.observer import Observers
+from ..serving.observer import Observers, RequestDigest
 from ..serving.repository import ServedVersion
 from ..serving.service import ModelService
 from .live import LiveSeries as LiveSeries
@@ -23,7 +35,13 @@ from .prometheus import PrometheusMetrics as PrometheusMetrics
 from .prometheus import prometheus_available
 from .triton_stats import ModelStatistics as ModelStatistics
 
-__all__ = ["LiveSeries", "ModelStatistics", "PrometheusMetrics", "Telemetry"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["FLUSH_AT", "LiveSeries", "ModelStatistics", "PrometheusMetrics", "Telemetry"]
+
+#: Buffered requests at which a batch listener delivers them (enough that a flush's fixed
+#: cost is small per request).
+FLUSH_AT: Final = 256
 
 
 class Telemetry:
@@ -49,13 +67,22 @@ class Telemetry:
         shutdown_at: Callable[[], float | None],
     ) -> None:
         self.observers = Observers(None)
-        self.live = LiveSeries(None)
+        #: batches not yet delivered: (deliver, event, when it finished)
+        self._batches: deque[tuple[Callable[[BatchEvent, float], None], BatchEvent, float]]
+        self._batches = deque()
+        self._batch_lock = threading.Lock()
+        flush = self.flush
+        self.live = LiveSeries(None, flush=flush)
         self._stats: dict[tuple[str, int], ModelStatistics] = {}
         self._lock = threading.Lock()
         self.prometheus: PrometheusMetrics | None = None
         if prometheus_available():
             self.prometheus = PrometheusMetrics(
-                service, experiment=experiment, started=started, shutdown_at=shutdown_at
+                service,
+                experiment=experiment,
+                started=started,
+                shutdown_at=shutdown_at,
+                flush=flush,
             )
         self.observers.attach(self.live)
         self.observers.attach(_PerVersion(self))
@@ -67,7 +94,7 @@ class Telemetry:
         """A version is about to serve: count its requests and its batches."""
         model = served.model
         stage = model.model_stage
-        stats = ModelStatistics(stage, version=served.version)
+        stats = ModelStatistics(stage, version=served.version, flush=self.flush)
         with self._lock:
             self._stats[(served.name, served.version)] = stats
         pipe = model.pipe
@@ -76,15 +103,44 @@ class Telemetry:
         live = self.live
         prometheus = self.prometheus
         name = served.name
+        observers = self.observers
+        batches = self._batches
+        clock = live._clock  # the series buckets batches by its own clock
 
-        def listener(event: BatchEvent) -> None:
+        def deliver(event: BatchEvent, at: float) -> None:
             if event.stage == stage:
-                live.on_batch(event)
+                live.on_batch(event, at)
                 stats.on_batch(event)
             if prometheus is not None:
                 prometheus.on_batch(event, name)
 
+        def listener(event: BatchEvent) -> None:
+            batches.append((deliver, event, clock()))
+            if len(batches) >= FLUSH_AT or observers.pending >= FLUSH_AT:
+                self.flush(wait=False)  # never waits on a reader's flush
+
         pipe.add_listener(listener)
+
+    def flush(self, *, wait: bool = True) -> None:
+        """Deliver the buffered batches, then the buffered requests, to every observer.
+
+        :param wait: wait for a flush under way (a reader: its read then counts everything
+            before it); else leave the work to that flush.
+        """
+        lock = self._batch_lock
+        if lock.acquire(blocking=wait):
+            try:
+                batches = self._batches
+                pop = batches.popleft
+                for _ in range(len(batches)):  # only a flush removes: these are there
+                    deliver, event, at = pop()
+                    try:
+                        deliver(event, at)
+                    except Exception:  # an observer must never break a flush
+                        logger.exception("batch observer failed for %r", event)
+            finally:
+                lock.release()
+        self.observers.flush(wait=wait)
 
     def statistics(self, served: ServedVersion) -> ModelStatistics:
         """The Triton statistics of one served version."""
@@ -93,19 +149,20 @@ class Telemetry:
             stats = self._stats.get(key)
             if stats is None:
                 stats = self._stats[key] = ModelStatistics(
-                    served.model.model_stage, version=served.version
+                    served.model.model_stage, version=served.version, flush=self.flush
                 )
             return stats
 
     def forget(self, name: str, keep: set[int]) -> None:
         """Drop the statistics of versions of ``name`` not in ``keep`` (unloaded)."""
+        self.flush()  # their buffered batches and requests first (not under the lock)
         with self._lock:
             for key in [k for k in self._stats if k[0] == name and k[1] not in keep]:
                 del self._stats[key]
 
 
 class _PerVersion:
-    """Routes each request to the statistics of the version it ran on."""
+    """Routes requests to the statistics of the version they ran on."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
@@ -115,6 +172,11 @@ class _PerVersion:
     ) -> None:
         if model is not None:
             self._telemetry.statistics(model).on_request(route, status, seconds)
+
+    def on_requests(self, digest: RequestDigest) -> None:
+        for model, part in digest.by_model().items():
+            if model is not None:
+                self._telemetry.statistics(model).on_requests(part)
 
     def on_batch(self, event: BatchEvent) -> None:  # batches come through the pipe listener
         pass

@@ -1,19 +1,22 @@
 """Per-second series of the last minutes, for the status page's live charts.
 
-A :class:`LiveSeries` is an observer (:class:`~studioserve.serving.observer.Observer`): it
-counts requests, errors and a latency histogram per second from ``on_request``, and rows and
-model calls of the model stage from ``on_batch``; :meth:`LiveSeries.snapshot` is what
-``GET /`` (JSON) returns under ``live`` and the page polls.
+A :class:`LiveSeries` is a bulk observer (:class:`~studioserve.serving.observer.BulkObserver`):
+it counts requests, errors and a latency histogram per second from ``on_requests`` (each
+flush's digest, grouped by second; ``on_request`` counts one at the clock's time), and rows
+and model calls of the model stage from ``on_batch``; :meth:`LiveSeries.snapshot` is what
+``GET /`` (JSON) returns under ``live`` and the page polls (it flushes the buffered requests
+first).
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..pipelines import BatchEvent
+from ..serving.observer import RequestDigest
 
 __all__ = ["LiveSeries"]
 
@@ -56,12 +59,22 @@ class LiveSeries:
         batch it is given (the telemetry then passes only model stages' batches).
     :param window: seconds kept.
     :param clock: ``time.time`` (replaceable in tests).
+    :param flush: called before every read, to deliver the requests still buffered
+        (:meth:`~studioserve.serving.observer.Observers.flush`).
     """
 
-    def __init__(self, stage: str | None, *, window: int = 120, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        stage: str | None,
+        *,
+        window: int = 120,
+        clock: Any = time.time,
+        flush: Callable[[], object] | None = None,
+    ) -> None:
         self.stage = stage
         self.window = window
         self._clock = clock
+        self.flush = flush
         self._lock = threading.Lock()
         self._seconds: dict[int, _Second] = {}
         self.requests = 0
@@ -81,25 +94,35 @@ class LiveSeries:
         return sec
 
     def on_request(self, route: str, status: int, seconds: float, model: Any = None) -> None:
-        """An inference request finished (to any model)."""
-        i = bisect.bisect_left(_LIVE_BOUNDS, seconds)
-        with self._lock:
-            sec = self._at(self._clock())
-            sec.requests += 1
-            self.requests += 1
-            if status >= 400:
-                sec.errors += 1
-                self.errors += 1
-            else:
-                sec.hist[i] += 1
-                self._hist[i] += 1
+        """An inference request finished (to any model), now by the series' clock."""
+        self.on_requests(RequestDigest.of([(route, status, seconds, model, self._clock())]))
 
-    def on_batch(self, event: BatchEvent) -> None:
-        """A pipe batch finished."""
+    def on_requests(self, digest: RequestDigest) -> None:
+        """Requests finished (to any model), each counted in the second it was answered."""
+        counted = []
+        for group in digest.groups:
+            # the buckets outside the lock: only the additions take it
+            hist = None if group.status >= 400 else group.histogram(_LIVE_BOUNDS)
+            counted.append((group.second, len(group.seconds), hist))
+        with self._lock:
+            for second, n, hist in counted:
+                sec = self._at(second)
+                sec.requests += n
+                self.requests += n
+                if hist is None:
+                    sec.errors += n
+                    self.errors += n
+                else:
+                    for hists in (sec.hist, self._hist):
+                        for i, k in hist.items():
+                            hists[i] += k
+
+    def on_batch(self, event: BatchEvent, at: float | None = None) -> None:
+        """A pipe batch finished (at ``at``, by the series' clock; default: now)."""
         if self.stage is not None and event.stage != self.stage:
             return
         with self._lock:
-            sec = self._at(self._clock())
+            sec = self._at(self._clock() if at is None else at)
             sec.batches += 1
             sec.rows += event.rows
             sec.items += event.size
@@ -113,6 +136,8 @@ class LiveSeries:
         ``p50_ms``/``p99_ms`` of successful requests (None in a second without any),
         ``batch_mean`` rows per model call (None without calls), ``rows`` computed.
         """
+        if self.flush is not None:
+            self.flush()  # not under the lock: the flush takes it to deliver
         with self._lock:
             end = int(self._clock())  # the current second is still filling: leave it out
             start = end - min(seconds, self.window)

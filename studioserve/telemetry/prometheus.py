@@ -19,6 +19,12 @@ Each server has its own registry, so several servers in one process do not clash
     studioserve_uptime_seconds
     studioserve_model_info{experiment,kind,source}      always 1
 
+Requests come in bulk (``on_requests``, each flush's digest): one ``inc(n)`` per counter and
+one bulk update per latency histogram (:class:`_BulkHistogram`) a flush, not one call with its
+locks a request; a batch's queue waits are one bulk update too. Every collection of the
+registry (``GET /metrics``) flushes the buffered requests first (the first collector
+registered), so a scrape counts every request answered before it.
+
 The only module that imports ``prometheus_client`` (inside :class:`PrometheusMetrics`); without
 it there is no ``/metrics`` (:func:`prometheus_available` says so).
 """
@@ -27,10 +33,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Final
 
 from ..pipelines import BatchEvent
+from ..serving.observer import RequestDigest
 from ..serving.repository import ServedModel, ServedVersion
 from ..serving.service import ModelService
 
@@ -71,6 +81,53 @@ def prometheus_available() -> bool:
     return True
 
 
+class _BulkHistogram:
+    """One labelled child of a ``prometheus_client.Histogram``, fed many observations at once.
+
+    ``observe(v)`` adds ``v`` to the sum and 1 to the first bucket whose bound is >= ``v``,
+    each under its own lock. :meth:`observe_many` does the same for a whole list with one
+    addition to the sum and one per bucket it touches: the exposed samples are those of
+    ``observe`` one value at a time. prometheus-client has no public bulk call, so it uses the
+    child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (checked once here); without them it
+    falls back to ``observe`` per value.
+    """
+
+    __slots__ = ("_buckets", "_index", "_sum", "child")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        self._buckets: list[Any] | None = None
+        self._sum: Any = None
+        if (
+            isinstance(bounds, list)
+            and bounds
+            and isinstance(buckets, list)
+            and len(bounds) == len(buckets)
+            and bounds[-1] == float("inf")
+            and all(hasattr(b, "inc") for b in buckets)
+            and hasattr(total, "inc")
+        ):
+            self._buckets = buckets
+            self._sum = total
+        self._index = partial(bisect_left, bounds or [float("inf")])
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        """Observe every value of ``values``."""
+        buckets = self._buckets
+        if buckets is None:
+            for v in values:
+                self.child.observe(v)
+            return
+        if not values:
+            return
+        self._sum.inc(sum(values))
+        for i, n in Counter(map(self._index, values)).items():
+            buckets[i].inc(n)
+
+
 def _buckets_for(max_batch_size: int) -> list[float]:
     out = [1.0]
     while out[-1] < max_batch_size:
@@ -85,6 +142,8 @@ class PrometheusMetrics:
     :param experiment: the served experiment key (``studioserve_model_info``).
     :param started: the server's start (``time.time()``), for the uptime.
     :param shutdown_at: when the inactivity timer fires (``time.monotonic()``), or None.
+    :param flush: called before every collection of the registry, to deliver the requests
+        still buffered (:meth:`~studioserve.serving.observer.Observers.flush`).
     """
 
     def __init__(
@@ -94,6 +153,7 @@ class PrometheusMetrics:
         experiment: str,
         started: float,
         shutdown_at: Callable[[], float | None],
+        flush: Callable[[], object] | None = None,
     ) -> None:
         import prometheus_client as pc
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -102,8 +162,23 @@ class PrometheusMetrics:
         self.service = service
         self.started = started
         self.shutdown_at = shutdown_at
+        self.flush = flush
         self.registry = pc.CollectorRegistry(auto_describe=True)
         reg = self.registry
+        metrics = self
+
+        class _Flush:
+            """Registered first, so collected first: the instruments then read exact values."""
+
+            def describe(self) -> list[Any]:
+                return []
+
+            def collect(self) -> list[Any]:
+                if metrics.flush is not None:
+                    metrics.flush()
+                return []
+
+        reg.register(_Flush())  # type: ignore[arg-type]
         self.requests = pc.Counter(
             "studioserve_requests",
             "Inference requests answered, by route and HTTP status.",
@@ -160,13 +235,11 @@ class PrometheusMetrics:
             ["model", "instance"],
             registry=reg,
         )
-        self._children: dict[str, tuple[Any, Any, Any]] = {}
-        self._route_children: dict[str, Any] = {}
+        self._children: dict[str, tuple[_BulkHistogram, Any, Any]] = {}
+        self._route_children: dict[str, _BulkHistogram] = {}
         self._request_children: dict[tuple[str, int], Any] = {}
         self._model_children: dict[tuple[str, int, int], Any] = {}
         self._instance_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-        metrics = self
 
         class _Gauges:
             def collect(self) -> Iterator[Any]:
@@ -178,26 +251,48 @@ class PrometheusMetrics:
     def on_request(
         self, route: str, status: int, seconds: float, model: ServedVersion | None = None
     ) -> None:
-        if model is not None:
-            key = (model.name, model.version, status)
-            child = self._model_children.get(key)
+        self.on_requests(RequestDigest.of([(route, status, seconds, model, time.time())]))
+
+    def on_requests(self, digest: RequestDigest) -> None:
+        """One counter increment per route and status (and model, version and status), and one
+        bulk histogram update per route, for all the digest's requests."""
+        requests: dict[tuple[str, int], int] = {}
+        per_model: dict[tuple[str, int, int], int] = {}
+        latencies: dict[str, list[float]] = {}
+        for group in digest.groups:
+            n = len(group.seconds)
+            key = (group.route, group.status)
+            requests[key] = requests.get(key, 0) + n
+            model = group.model
+            if model is not None:
+                mkey = (model.name, model.version, group.status)
+                per_model[mkey] = per_model.get(mkey, 0) + n
+            seconds = latencies.get(group.route)
+            if seconds is None:
+                latencies[group.route] = list(group.seconds)
+            else:
+                seconds += group.seconds
+        for mkey, n in per_model.items():
+            child = self._model_children.get(mkey)
             if child is None:
-                child = self._model_children[key] = self.model_requests.labels(
-                    model.name, str(model.version), str(status)
+                name, version, status = mkey
+                child = self._model_children[mkey] = self.model_requests.labels(
+                    name, str(version), str(status)
                 )
-            child.inc()
-        counter = self._request_children.get((route, status))
-        if counter is None:
-            counter = self._request_children[(route, status)] = self.requests.labels(
-                route, str(status)
-            )
-        counter.inc()
-        child = self._route_children.get(route)
-        if child is None:
-            child = self._route_children[route] = self.latency.labels(route)
-        child.observe(seconds)
+            child.inc(n)
+        for key, n in requests.items():
+            counter = self._request_children.get(key)
+            if counter is None:
+                counter = self._request_children[key] = self.requests.labels(key[0], str(key[1]))
+            counter.inc(n)
+        for route, seconds in latencies.items():
+            hist = self._route_children.get(route)
+            if hist is None:
+                hist = self._route_children[route] = _BulkHistogram(self.latency.labels(route))
+            hist.observe_many(seconds)
 
     def on_batch(self, event: BatchEvent, model: str | None = None) -> None:
+        """One batch: a few increments, its items' queue waits as one bulk update."""
         if model is not None:
             instance = getattr(event, "instance", 0)
             pair = self._instance_children.get((model, instance))
@@ -211,13 +306,12 @@ class PrometheusMetrics:
         children = self._children.get(event.stage)
         if children is None:
             children = self._children[event.stage] = (
-                self.queue_wait.labels(event.stage),
+                _BulkHistogram(self.queue_wait.labels(event.stage)),
                 self.compute.labels(event.stage),
                 self.batch_size.labels(event.stage),
             )
         wait, compute, size = children
-        for w in event.queue_waits:
-            wait.observe(w)
+        wait.observe_many(event.queue_waits)
         compute.observe(event.compute_seconds)
         size.observe(event.rows)
 
@@ -335,6 +429,8 @@ class PrometheusMetrics:
         yield failures
 
     def exposition(self) -> tuple[bytes, str]:
+        if self.flush is not None:
+            self.flush()  # the registry's first collector flushes too: for any other reader
         return self.pc.generate_latest(self.registry), self.pc.CONTENT_TYPE_LATEST
 
 

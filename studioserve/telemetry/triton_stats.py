@@ -11,17 +11,19 @@ counts follow ``compute_infer``, as perf_analyzer divides by them).
 One :class:`ModelStatistics` counts one version of one model (the repository's
 :class:`~studioserve.serving.repository.ServedVersion`); with replicas (``--instances``) it
 also counts executions per instance, reported in ``instance_stats`` (a field Triton does not
-have; tritonclient passes it through).
+have; tritonclient passes it through). Requests come in bulk (``on_requests``, one lock per
+flush); :meth:`ModelStatistics.json` flushes the buffered requests before it reads.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..pipelines import BatchEvent
+from ..serving.observer import RequestDigest
 
 __all__ = ["ModelStatistics"]
 
@@ -37,6 +39,10 @@ class _Duration:
         self.count += count
         self.ns += int(seconds * 1e9)
 
+    def add_ns(self, ns: int, count: int) -> None:
+        self.count += count
+        self.ns += ns
+
     def json(self) -> dict[str, int]:
         return {"count": self.count, "ns": self.ns}
 
@@ -45,11 +51,20 @@ class ModelStatistics:
     """Triton-style statistics for one model (see the module docstring).
 
     :param model_stage: the pipe stage that runs the model (None: the model has no pipe).
+    :param flush: called before every read, to deliver the requests still buffered
+        (:meth:`~studioserve.serving.observer.Observers.flush`).
     """
 
-    def __init__(self, model_stage: str | None, *, version: int = 1) -> None:
+    def __init__(
+        self,
+        model_stage: str | None,
+        *,
+        version: int = 1,
+        flush: Callable[[], object] | None = None,
+    ) -> None:
         self.model_stage = model_stage
         self.version = version
+        self.flush = flush
         #: instance index -> [executions, rows]
         self.instances: dict[int, list[int]] = {}
         self._lock = threading.Lock()
@@ -63,19 +78,36 @@ class ModelStatistics:
         self.batches: dict[int, _Duration] = {}
 
     def on_request(self, route: str, status: int, seconds: float, model: Any = None) -> None:
-        if status == 404:  # asked for another model: not this one's failure
+        self.on_requests(RequestDigest.of([(route, status, seconds, model, time.time())]))
+
+    def on_requests(self, digest: RequestDigest) -> None:
+        """Requests answered by this version (whatever model the digest's groups name)."""
+        ok = ok_ns = failed = failed_ns = 0
+        last = 0.0
+        for group in digest.groups:
+            status = group.status
+            if status == 404:  # asked for another model: not this one's failure
+                continue
+            last = max(last, group.last_at)
+            if status == 200:
+                ok += len(group.seconds)
+                ok_ns += group.total_ns()
+            else:
+                failed += len(group.seconds)
+                failed_ns += group.total_ns()
+        if not (ok or failed):
             return
         with self._lock:
-            self.last_inference_ms = int(time.time() * 1000)
-            if status == 200:
-                self.success.add(seconds)
+            self.last_inference_ms = max(self.last_inference_ms, int(last * 1000))
+            if ok:
+                self.success.add_ns(ok_ns, ok)
                 if self.model_stage is None:
-                    self.inference_count += 1
-                    self.execution_count += 1
-                    self.compute_infer.add(seconds)
-                    self.batches.setdefault(1, _Duration()).add(seconds)
-            else:
-                self.fail.add(seconds)
+                    self.inference_count += ok
+                    self.execution_count += ok
+                    self.compute_infer.add_ns(ok_ns, ok)
+                    self.batches.setdefault(1, _Duration()).add_ns(ok_ns, ok)
+            if failed:
+                self.fail.add_ns(failed_ns, failed)
 
     def on_batch(self, event: BatchEvent) -> None:
         if event.stage != self.model_stage:
@@ -92,6 +124,8 @@ class ModelStatistics:
             counts[1] += event.rows
 
     def json(self, name: str) -> dict[str, Any]:
+        if self.flush is not None:
+            self.flush()  # not under the lock: the flush takes it to deliver
         with self._lock:
             infer = self.compute_infer.json()
             zero = {"count": infer["count"], "ns": 0}

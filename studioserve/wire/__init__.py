@@ -2,8 +2,10 @@
 
 - :mod:`.formats`: the ``POST /`` formats (pickle, JSON, npz), content negotiation and the
   JSON error body, for the server and :class:`studioserve.Client` alike.
-- :mod:`.safe_pickle`: the restricted unpickler, the one security boundary every pickled
-  body (request or response) crosses; nothing in studioserve calls :func:`pickle.loads`.
+- :mod:`.safe_pickle`: the restricted unpickler, the security boundary every pickled body
+  (request or response) crosses; nothing in studioserve calls :func:`pickle.loads`.
+- :mod:`.fast_pickle`: its fast path for the common pickle (a dict of arrays): a parser of the
+  exact opcodes, no unpickler, the same rules; any other body goes to :mod:`.safe_pickle`.
 - :mod:`.oip_codec`: the Open Inference Protocol (KServe v2) bodies, JSON and binary tensors.
 - :mod:`.budget`: the decode budget every decoder charges what it builds to
   (:class:`DecodeLimits`: ``--max-body`` and ``--max-keys``): a body of ``B`` bytes may build

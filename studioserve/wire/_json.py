@@ -28,6 +28,7 @@ character of the longest string, per string).
 
 from __future__ import annotations
 
+import re
 from typing import Final, NamedTuple
 
 import numpy as np
@@ -41,6 +42,8 @@ _LIST: Final = 96
 _DICT: Final = 512
 _KEY: Final = 320
 _CHUNK: Final = 1 << 18
+_SMALL: Final = 4096  # a body this small is counted without numpy
+_STRINGS: Final = re.compile(rb'"[^"]*(?:"|\Z)')
 
 
 class JsonShape(NamedTuple):
@@ -64,7 +67,11 @@ def _byte_counts(body: bytes) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
 def _structural_colons(body: bytes, budget: Budget) -> int:
     """The colons outside strings (one per key), for a body without escaped quotes: a chunk at
     a time, each colon inside a string when an odd number of quotes comes before it. Charges
-    its scratch memory (a chunk's byte mask and the positions of its quotes and colons)."""
+    its scratch memory (a chunk's byte mask and the positions of its quotes and colons). A
+    small body is counted with one regex pass instead: numpy's fixed costs would dominate."""
+    if len(body) <= _SMALL:
+        # each string, or the unclosed rest, removed: the colons left are outside strings
+        return _STRINGS.sub(b"", body).count(b":")
     arr = np.frombuffer(body, np.uint8)
     scratch = 2 * _CHUNK + 16 * 2 * _CHUNK // 4
     budget.charge(scratch, "counting the JSON body's keys")
@@ -90,7 +97,7 @@ def charge_json(body: bytes, budget: Budget, *, max_keys: int, what: str) -> Jso
     n = len(body)
     scratch = 8 * min(n, _CHUNK) + 8192  # numpy counts a chunk as 8-byte ints
     budget.charge(scratch, "counting the JSON body")
-    counts = [int(c) for c in _byte_counts(body)]
+    counts = _byte_counts(body).tolist()
     budget.refund(scratch)
     quotes, colons = counts[0x22], counts[0x3A]
     if quotes == 0:

@@ -3,8 +3,10 @@
 A body is a dict of string keys to values in one of three formats:
 
 - ``pickle``: Content-Type ``application/x-pickle``, ``application/octet-stream`` or none
-  (Studio.ML's clients send none); any pickle protocol, 0 to 5, always read with
-  :func:`~studioserve.wire.safe_pickle.safe_loads`.
+  (Studio.ML's clients send none); any pickle protocol, 0 to 5, never read with an unrestricted
+  unpickler: the common bodies (a dict of arrays, as ``pickle.dumps`` writes it) with
+  :func:`~studioserve.wire.fast_pickle.fast_loads`, every other with
+  :func:`~studioserve.wire.safe_pickle.safe_loads`, under the same rules.
 - ``json``: ``application/json``, an object of nested lists (``{"x": [[1, 2], [3, 4]]}``).
 - ``npz``: ``application/x-npz``, the output of :func:`numpy.savez` (no pickled members).
 
@@ -48,6 +50,8 @@ from ..errors import (
 from ._checks import canonical_dtype, check_extent, check_shape, short_error, short_repr
 from ._json import charge_json
 from .budget import Budget, DecodeLimits
+from .fast_encode import dumps_arrays
+from .fast_pickle import fast_loads
 from .safe_pickle import (
     MAX_DEPTH,
     REQUEST_ARRAY_KINDS,
@@ -384,7 +388,10 @@ def _decode(
         limit = min(limit, max_decoded_bytes)
     budget = Budget(limit, len(body), limits)
     if fmt == "pickle":
-        value = safe_loads(body, array_kinds=kinds, budget=budget)
+        # the common bodies (a dict of arrays) without an unpickler; any other, the general path
+        value = fast_loads(body, kinds, budget)
+        if value is None:
+            value = safe_loads(body, array_kinds=kinds, budget=budget)
     elif fmt == "json":
         value = _json_loads(body, string_arrays, budget, limits.max_keys)
     else:
@@ -402,6 +409,7 @@ def decode_request(
     """Decode a ``POST /`` body into ``(data, format)``.
 
     ``format`` is ``"pickle"``, ``"json"`` or ``"npz"``. Pickles go through
+    :func:`~studioserve.wire.fast_pickle.fast_loads` if they are common bodies, else
     :func:`safe_loads`. JSON lists of numbers become arrays (``int64`` when every number is an
     int, ``float64`` when any is a float, ``bool`` for all-bool lists; the server casts to the
     model's dtype), lists of strings stay lists, scalars stay Python values. npz members are
@@ -555,14 +563,21 @@ def _check_outgoing(data: Any, kinds: str, error: type[WireError], what: str) ->
 def encode_response(data: dict[str, Any], fmt: str) -> tuple[bytes, str]:
     """Encode a response dict as ``(body, content_type)`` in ``fmt``.
 
-    Pickles use protocol 5 with in-band buffers; JSON turns arrays into nested lists and numpy
-    scalars into Python numbers (non-finite floats are written ``NaN``/``Infinity``, as
-    Python's json module reads them); npz writes each key as an ``.npy`` member without pickle.
+    Pickles use protocol 5 with in-band buffers (a dict of plain numeric arrays is written by
+    :func:`~studioserve.wire.fast_encode.dumps_arrays`, any other by :func:`pickle.dumps`);
+    JSON turns arrays into nested lists and numpy scalars into Python numbers (non-finite
+    floats are written ``NaN``/``Infinity``, as Python's json module reads them); npz writes
+    each key as an ``.npy`` member without pickle.
 
     :raises UnencodableResponse: when a value is not data (an object array, a custom class).
     :raises NotAcceptable: when ``fmt`` cannot carry a value (complex numbers or bytes in
         JSON, nested dicts in npz).
     """
+    if fmt == "pickle" and type(data) is dict:
+        # the common response (str keys, plain numeric arrays) needs neither check nor Pickler
+        body = dumps_arrays(data)
+        if body is not None:
+            return body, PICKLE
     data = _check_outgoing(data, RESPONSE_ARRAY_KINDS, UnencodableResponse, "the model's output")
     return _encode(data, fmt, NotAcceptable)
 

@@ -1,6 +1,6 @@
-"""Issue 11's hostile bodies against a real server: each gets its documented status (never
-500, which means "the model raised"), the server keeps serving, and four at once leave its
-memory where it was."""
+"""Issue 11's hostile bodies (and issue 15's near-misses of the common pickle) against a real
+server: each gets its documented status (never 500, which means "the model raised"), the server
+keeps serving, and four at once leave its memory where it was."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def test_each_issue_case_gets_its_status(server: Any, case: hostile_cases.Case) 
         assert error["type"] in {"too_large", "too_many_keys", "unsafe_pickle", "bad_request"}
         assert "--max" in error["message"] or "refused array shape" in error["message"]
     assert elapsed < 5
+    _still_serving(server)
+
+
+@pytest.mark.parametrize("case", hostile_cases.fast_path_cases(), ids=lambda c: c.name)
+def test_each_fast_path_case_gets_its_status(server: Any, case: hostile_cases.Case) -> None:
+    """Issue 15's near-misses of the common pickle: the fast path refuses them as the general
+    path does, or leaves them to it."""
+    status, out = _post(server, case.body, case.content_type)
+    assert status == (case.status or 200), out[:300]
+    if status != 200:
+        assert error_of(out)["type"] in {"too_many_keys", "unsafe_pickle", "bad_request"}
     _still_serving(server)
 
 

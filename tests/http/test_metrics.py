@@ -231,3 +231,26 @@ def test_live_series_per_second() -> None:
     series.on_request("/", 200, 0.001)
     assert sum(series.snapshot(seconds=30)["series"]["requests"]) == 0
     assert len(series._seconds) <= 32
+
+
+def test_every_read_counts_the_requests_answered_just_before_it() -> None:
+    # requests are recorded without a lock and delivered in bulk: each read delivers first
+    service = ModelService(IdentityModel(source="reads"), name="reads")
+    service.ready = True
+    client = create_app(service, info=ServerInfo(experiment="reads")).test_client()
+    for n in range(1, 4):
+        assert client.post("/", data=_pickle()).status_code == 200
+        body = client.get("/metrics").get_data(as_text=True)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body)
+            for s in family.samples
+        }
+        assert value(samples, "studioserve_requests_total", route="/", status="200") == 3 * n - 2
+        assert value(samples, "studioserve_request_duration_seconds_count", route="/") == 3 * n - 2
+        assert client.post("/", data=_pickle()).status_code == 200
+        info = client.get("/", headers={"Accept": "application/json"}).get_json()
+        assert info["live"]["totals"]["requests"] == 3 * n - 1
+        assert client.post("/", data=_pickle()).status_code == 200
+        stats = client.get("/v2/models/reads/stats").get_json()["model_stats"][0]
+        assert stats["inference_stats"]["success"]["count"] == 3 * n

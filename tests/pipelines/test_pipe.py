@@ -394,11 +394,12 @@ def test_pipeline_errors_are_importable_from_the_package() -> None:
 
 def test_stage_timeout_bounds_the_queue_wait(gate: Gate) -> None:
     with ModelPipe() as pipe:
-        pipe.add(gate, num_workers=1, timeout=0.005)
+        # 50 ms: the worker must pick the first item up within it, even on a busy machine
+        pipe.add(gate, num_workers=1, timeout=0.05)
         pipe.submit(0)
-        gate.entered.wait()
+        assert gate.entered.wait(10)
         waiting = pipe.submit(1)
-        _wait_until(time.monotonic() + 0.01)
+        _wait_until(time.monotonic() + 0.1)
         gate.release.set()
         assert isinstance(waiting.exception(), DeadlineExceeded)
 

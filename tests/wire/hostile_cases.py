@@ -152,6 +152,80 @@ def issue_cases() -> list[Case]:
     ]
 
 
+def _common(protocol: int = 4, **values: Any) -> bytes:
+    """A common body, as ``pickle.dumps`` writes a dict of arrays."""
+    return pickle.dumps(values, protocol=protocol)
+
+
+def _edit(body: bytes, old: bytes, new: bytes) -> bytes:
+    """``body`` with its first ``old`` made ``new``, its first frame's length fixed to fit."""
+    assert old in body
+    body = body.replace(old, new, 1)
+    if body[2] == 0x95:  # FRAME
+        body = body[:3] + struct.pack("<Q", len(body) - 11) + body[11:]
+    return body
+
+
+class _Trip:
+    """Pickles as a call of the sentinel global."""
+
+    def __reduce__(self) -> Any:
+        from tests.wire import sentinel
+
+        return (sentinel.trip, (b"x" * 64,))
+
+
+def fast_path_cases() -> list[Case]:
+    """Issue 15's bodies: built to look like the common pickle the fast path reads, each wrong
+    in one way. The fast path must refuse each with the general path's error, or leave it to
+    the general path (None), which decides."""
+    row = np.zeros(16, np.float32)
+    x = _common(x=row)
+    reconstruct = b"\x8c\x16numpy._core.multiarray\x94\x8c\x0c_reconstruct"
+    two = _common(x=row, y=np.ones(16, np.float32))
+    return [
+        Case("common body calling the sentinel", _common(x=_Trip()), wire.PICKLE, 400),
+        Case(
+            "the sentinel in place of _reconstruct",
+            _edit(x, reconstruct, b"\x8c\x13tests.wire.sentinel\x94\x8c\x04trip"),
+            wire.PICKLE,
+            400,
+        ),
+        Case("an object dtype", _edit(x, b"\x8c\x02f4", b"\x8c\x02O8"), wire.PICKLE, 400),
+        Case("a shape its data does not fill", _edit(x, b"K\x10\x85", b"K\x11\x85"), None, 400),
+        Case(
+            "an empty (0, 2**62) array, protocol 4",
+            _common(x=np.empty((0, 2**62), np.uint8)),
+            None,
+            400,
+        ),
+        Case(
+            "a frame longer than the body", x[:3] + struct.pack("<Q", 1 << 40) + x[11:], None, 400
+        ),
+        Case(
+            "a memo index pointing at ndarray",
+            two.replace(b"h\x04", b"h\x07", 1),
+            wire.PICKLE,
+            400,
+            "the dtype of the second array, replaced by numpy.ndarray",
+        ),
+        Case(
+            "5000 keys of common arrays",
+            _common(**{f"k{i}": np.zeros(1, np.float32) for i in range(5000)}),
+            wire.PICKLE,
+            413,
+        ),
+        Case(
+            "the same key twice",
+            two.replace(b"\x8c\x01y", b"\x8c\x01x"),
+            wire.PICKLE,
+            None,
+            "decoded by the general path: the last value wins",
+        ),
+        Case("bytes after STOP", x + b"garbage", None, None, "decoded by the general path"),
+    ]
+
+
 def corpus_cases() -> list[tuple[dict[str, Any], bytes]]:
     """The fuzzer's finds: ``(entry of corpus/index.json, body)``."""
     index = json.loads((CORPUS / "index.json").read_text())

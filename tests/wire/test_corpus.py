@@ -1,4 +1,5 @@
-"""Regression tests: issue 11's hostile bodies and every crash the decoder fuzzer found.
+"""Regression tests: issue 11's hostile bodies, issue 15's near-misses of the common pickle,
+and every crash the decoder fuzzer found.
 
 The issue's bodies are built in code (``hostile_cases.py``); the fuzzer's finds are small files
 in ``corpus/``, listed with their expected status in ``corpus/index.json``. Each is decoded
@@ -9,6 +10,7 @@ less than it once did and within the budget for its size, and give its memory ba
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -21,9 +23,12 @@ from studioserve.errors import (
     TooManyKeys,
     UnsafePickle,
 )
+from studioserve.wire import fast_pickle
 from studioserve.wire.budget import DecodeLimits
+from studioserve.wire.fast_pickle import fast_loads
 from studioserve.wire.oip_codec import decode_infer_request
-from tests.wire import hostile_cases
+from studioserve.wire.safe_pickle import REQUEST_ARRAY_KINDS, safe_loads
+from tests.wire import hostile_cases, sentinel
 from tests.wire.hostile_cases import Case, measure
 
 CASES = {case.name: case for case in hostile_cases.issue_cases()}
@@ -98,6 +103,58 @@ def test_fuzzer_find(entry: dict[str, Any], body: bytes) -> None:
     except StudioServeError as e:
         status = e.http_status
     assert status == entry["status"], entry["note"]
+
+
+FAST_CASES = hostile_cases.fast_path_cases()
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=lambda c: c.name)
+def test_fast_path_case(case: Case) -> None:
+    """Issue 15's near-misses, decoded whole (the fast path, then the general one if need be)."""
+    sentinel.CALLS.clear()
+    m = measure(case)
+    assert m.status == (case.status or 200), m.message
+    assert m.peak <= m.budget
+    assert not sentinel.CALLS
+
+
+def _pickle_cases() -> list[tuple[str, bytes]]:
+    cases = [c for c in [*hostile_cases.issue_cases(), *FAST_CASES] if c.content_type != wire.NPZ]
+    cases = [c for c in cases if c.content_type != wire.JSON]
+    finds = [(entry["file"], body) for entry, body in FINDS if entry["format"] == "pickle"]
+    return [(c.name, c.body) for c in cases] + finds
+
+
+@pytest.mark.parametrize(("name", "body"), _pickle_cases(), ids=[n for n, _ in _pickle_cases()])
+def test_hostile_pickles_on_the_fast_path_alone(name: str, body: bytes) -> None:
+    """Every hostile pickle, given to the fast path directly: the general path's error (class
+    and status), or None; never a global called, and its peak within the budget."""
+    fast_pickle._SKELETONS.clear()
+    limits = DecodeLimits()
+    general: Any
+    try:
+        general = safe_loads(body, budget=limits.budget(len(body)))
+    except StudioServeError as e:
+        general = e
+    budget = limits.budget(len(body))
+    sentinel.CALLS.clear()
+    tracemalloc.start()
+    try:
+        try:
+            got: Any = fast_loads(body, REQUEST_ARRAY_KINDS, budget)
+        except StudioServeError as e:
+            got = e
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not sentinel.CALLS
+    assert peak <= budget.limit
+    if isinstance(got, StudioServeError):
+        assert type(got) is type(general)
+        assert got.http_status == general.http_status
+    elif got is not None:
+        assert not isinstance(general, StudioServeError), general
+        assert list(got) == list(general)
 
 
 def test_cases_are_what_they_say() -> None:

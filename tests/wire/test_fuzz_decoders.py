@@ -1,6 +1,8 @@
 """Fuzzing every decoder: valid and malformed pickles, npz, JSON and OIP bodies.
 
-For every body hypothesis builds, the decoder either returns a value or raises one of the
+Pickles are fuzzed on both paths: the fast path for common bodies alone (it returns a value,
+None, or one of the errors the general path raises for the body) and the combined decode. For
+every body hypothesis builds, the decoder either returns a value or raises one of the
 documented errors (a ``StudioServeError`` with status 400, 413 or 415); it never raises
 anything else, never calls the sentinel global (``tests.wire.sentinel``) however the pickle
 tries to reach it, and never allocates (tracemalloc's peak) more than the decode budget for the
@@ -34,7 +36,9 @@ from hypothesis import strategies as st
 from studioserve import wire
 from studioserve.errors import StudioServeError, WireError
 from studioserve.wire.budget import DecodeLimits
+from studioserve.wire.fast_pickle import fast_loads
 from studioserve.wire.oip_codec import DATATYPES, decode_infer_request
+from studioserve.wire.safe_pickle import REQUEST_ARRAY_KINDS, safe_loads
 from tests.wire import sentinel
 
 # No strategy here uses the random module (each passes Hypothesis's check alone); in a full run a
@@ -258,6 +262,75 @@ def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[bytes]) -> bytes:
         else:
             del data[at:]
     return bytes(data)
+
+
+def _scalars() -> st.SearchStrategy[Any]:
+    dtypes = st.sampled_from(["f4", "f8", "i1", "i8", "u2", "?", "c8", "f2"])
+    return st.builds(lambda dt, v: np.array(v).astype(dt)[()], dtypes, st.integers(0, 300))
+
+
+@st.composite
+def common_pickles(draw: st.DrawFn) -> tuple[bytes, int]:
+    """What the fast path reads: ``pickle.dumps`` of a dict of str keys to numpy arrays and
+    scalars, protocols 2-5; and the protocol."""
+    values = draw(st.dictionaries(st.text(max_size=4), _arrays() | _scalars(), max_size=5))
+    protocol = draw(st.integers(2, 5))
+    body = pickle.dumps(values, protocol=protocol)
+    if draw(st.booleans()):  # only the memo stores it needs, as a writer without a memo
+        body = pickletools.optimize(body)
+    return body, protocol
+
+
+COMMON_PICKLES = common_pickles().map(lambda case: case[0])
+FAST_STATUSES = frozenset({400, 413})
+
+
+def both_paths(body: bytes) -> Any:
+    """The fast path alone (run_decoder's rules: documented errors or None, no global called,
+    the peak within the budget), twice (cold, then from its skeleton), held to the general
+    path: the same value, or the same error class, or None. Then the combined decode."""
+    want: Any
+    try:
+        want = safe_loads(body, budget=LIMITS.budget(len(body)))
+    except StudioServeError as e:
+        want = e
+    results = []
+    for _ in range(2):
+        got = run_decoder(
+            lambda: fast_loads(body, REQUEST_ARRAY_KINDS, LIMITS.budget(len(body))),
+            len(body),
+            FAST_STATUSES,
+        )
+        results.append(got)
+        if isinstance(got, StudioServeError):
+            assert type(got) is type(want), f"{got!r} where the general path raised {want!r}"
+        elif got is not None:
+            assert not isinstance(want, StudioServeError), f"decoded what the other refused: {want}"
+            assert list(got) == list(want)
+            for key, value in want.items():
+                assert type(got[key]) is type(value)
+                assert got[key].dtype == value.dtype
+                np.testing.assert_array_equal(got[key], value)
+    decode(body, wire.PICKLE)
+    return results[0]
+
+
+@given(common_pickles())
+def test_fast_path_on_common_pickles(case: tuple[bytes, int]) -> None:
+    body, protocol = case
+    got = both_paths(body)
+    if protocol > 2:  # (protocol 2 spells empty data as builtins.bytes(): the general path's)
+        assert got is not None, "a common body did not take the fast path"
+
+
+@given(mutated(COMMON_PICKLES))
+def test_fast_path_on_mutated_common_pickles(body: bytes) -> None:
+    both_paths(body)
+
+
+@given(REAL_PICKLES | mutated(REAL_PICKLES) | opcode_streams())
+def test_fast_path_on_any_pickle(body: bytes) -> None:
+    both_paths(body)
 
 
 @given(opcode_streams())
