@@ -111,9 +111,12 @@ class PipeStats:
     accepted: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PipeLoad:
     """What an item submitted now would face: cheap to take per request (no lock is taken).
+
+    A snapshot, read-only by convention (not frozen: a frozen dataclass costs four times as
+    much to build, and one is built per request).
 
     :meth:`~studioserve.pipelines.ModelPipe.load` builds it from each stage's queue and its
     moving average of compute time per batch; admission control (:mod:`studioserve.serving`)
