@@ -7,14 +7,14 @@ where observers are attached: it registers each as a listener of the model's pip
 them about requests. An observer that raises is logged and never breaks a request or a flush.
 
 Requests are off the hot path: :meth:`Observers.on_request` only appends one tuple to a
-:class:`collections.deque` (atomic under the GIL: safe from any thread, an event loop's
-included; no lock). :meth:`Observers.flush` takes what was appended, groups it by route,
-status, model version and second (a :class:`RequestDigest`) and hands that to every
-:class:`BulkObserver` (``on_requests``) at once. Readers flush before they read (the telemetry
-wires its readers to it), so any read counts every request answered before it; the buffer is
-also flushed when it reaches ``bound`` records, so it stays bounded when nobody reads. An
-observer with only ``on_request`` (the old interface) is still called once per request, at
-once, as before.
+:class:`Deferred` (a :class:`collections.deque`'s append, atomic under the GIL: safe from any
+thread, an event loop's included; no lock; the telemetry buffers batch events in one too).
+:meth:`Observers.flush` takes what was appended, groups it by route, status, model version and
+second (a :class:`RequestDigest`) and hands that to every :class:`BulkObserver`
+(``on_requests``) at once. Readers flush before they read (the telemetry wires its readers to
+it), so any read counts every request answered before it; the buffer is also flushed when it
+reaches ``bound`` records, so it stays bounded when nobody reads. An observer with only
+``on_request`` (the old interface) is still called once per request, at once, as before.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import Final, Protocol
+from typing import Final, Generic, Protocol, TypeVar
 
 from ..pipelines import BatchEvent, ModelPipe
 from .repository import ServedVersion
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_BOUND",
     "BulkObserver",
+    "Deferred",
     "Observer",
     "Observers",
     "RequestDigest",
@@ -153,6 +154,48 @@ class BulkObserver(Observer, Protocol):
         """The requests answered since the last flush (called by one flush at a time)."""
 
 
+T = TypeVar("T")
+
+
+class Deferred(Generic[T]):
+    """Items appended from any thread without a lock, delivered in bulk by one drain at a time.
+
+    ``append`` is a deque's (atomic under the GIL). :meth:`drain` takes exactly the items
+    present when it starts (only a drain removes items, so none is lost or delivered twice)
+    and hands them over under its one lock, so drains never interleave.
+    """
+
+    __slots__ = ("_items", "_lock", "append")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._lock = threading.Lock()
+        self.append = self._items.append
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def drain(self, deliver: Callable[[list[T]], object], *, wait: bool = True) -> int:
+        """Hand the items present now to ``deliver``; the number delivered.
+
+        :param wait: wait for a drain under way (a reader: its read then sees everything
+            appended before it), else leave the work to that drain and return 0.
+        """
+        lock = self._lock
+        if not lock.acquire(blocking=wait):
+            return 0
+        try:
+            items = self._items
+            n = len(items)
+            if not n:
+                return 0
+            pop = items.popleft
+            deliver([pop() for _ in range(n)])
+            return n
+        finally:
+            lock.release()
+
+
 class Observers:
     """The observers of one served model.
 
@@ -168,8 +211,7 @@ class Observers:
         self._calls: tuple[tuple[Observer, Callable[..., None], bool], ...] = ()
         # the bulk interface: called per flush
         self._bulk: tuple[tuple[Observer, Callable[[RequestDigest], None]], ...] = ()
-        self._records: deque[RequestRecord] = deque()
-        self._flush_lock = threading.Lock()
+        self._records: Deferred[RequestRecord] = Deferred()
 
     def attach(self, observer: Observer) -> None:
         """Tell ``observer`` about every request and every batch from now on.
@@ -228,24 +270,15 @@ class Observers:
         deliver the rest, so the caller's read counts every request answered before it;
         without (the bound, a batch listener), leave it to the flush under way.
         """
-        lock = self._flush_lock
-        if not lock.acquire(blocking=wait):
-            return 0
-        try:
-            records = self._records
-            n = len(records)  # only a flush removes records: these n are there to take
-            if not n:
-                return 0
-            pop = records.popleft
-            digest = RequestDigest.of([pop() for _ in range(n)])
-            for observer, on_requests in self._bulk:
-                try:
-                    on_requests(digest)
-                except Exception:  # an observer must never break a flush
-                    logger.exception("request observer %r failed", observer)
-            return n
-        finally:
-            lock.release()
+        return self._records.drain(self._deliver, wait=wait)
+
+    def _deliver(self, records: list[RequestRecord]) -> None:
+        digest = RequestDigest.of(records)
+        for observer, on_requests in self._bulk:
+            try:
+                on_requests(digest)
+            except Exception:  # an observer must never break a flush
+                logger.exception("request observer %r failed", observer)
 
 
 def _takes_model(method: Callable[..., None]) -> bool:

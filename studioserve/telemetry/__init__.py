@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from ..pipelines import BatchEvent
-from ..serving.observer import Observers, RequestDigest
+from ..serving.observer import Deferred, Observers, RequestDigest
 from ..serving.repository import ServedVersion
 from ..serving.service import ModelService
 from .live import LiveSeries as LiveSeries
@@ -68,9 +67,8 @@ class Telemetry:
     ) -> None:
         self.observers = Observers(None)
         #: batches not yet delivered: (deliver, event, when it finished)
-        self._batches: deque[tuple[Callable[[BatchEvent, float], None], BatchEvent, float]]
-        self._batches = deque()
-        self._batch_lock = threading.Lock()
+        self._batches: Deferred[tuple[Callable[[BatchEvent, float], None], BatchEvent, float]]
+        self._batches = Deferred()
         flush = self.flush
         self.live = LiveSeries(None, flush=flush)
         self._stats: dict[tuple[str, int], ModelStatistics] = {}
@@ -127,19 +125,7 @@ class Telemetry:
         :param wait: wait for a flush under way (a reader: its read then counts everything
             before it); else leave the work to that flush.
         """
-        lock = self._batch_lock
-        if lock.acquire(blocking=wait):
-            try:
-                batches = self._batches
-                pop = batches.popleft
-                for _ in range(len(batches)):  # only a flush removes: these are there
-                    deliver, event, at = pop()
-                    try:
-                        deliver(event, at)
-                    except Exception:  # an observer must never break a flush
-                        logger.exception("batch observer failed for %r", event)
-            finally:
-                lock.release()
+        self._batches.drain(_deliver_batches, wait=wait)
         self.observers.flush(wait=wait)
 
     def statistics(self, served: ServedVersion) -> ModelStatistics:
@@ -180,3 +166,13 @@ class _PerVersion:
 
     def on_batch(self, event: BatchEvent) -> None:  # batches come through the pipe listener
         pass
+
+
+def _deliver_batches(
+    batches: list[tuple[Callable[[BatchEvent, float], None], BatchEvent, float]],
+) -> None:
+    for deliver, event, at in batches:
+        try:
+            deliver(event, at)
+        except Exception:  # an observer must never break a flush
+            logger.exception("batch observer failed for %r", event)
