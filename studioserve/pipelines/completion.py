@@ -24,15 +24,37 @@ from collections import deque
 from collections.abc import Callable
 from threading import get_ident
 from time import monotonic
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["DeadlineWatch", "LoopCompletions", "LoopSlot", "completions_for", "deadline_watch"]
 
 logger = logging.getLogger(__name__)
 
-_BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopCompletions] = (
-    weakref.WeakKeyDictionary()
-)
+_T = TypeVar("_T")
+
+
+class _PerLoop(Generic[_T]):
+    """One object per event loop, made on first use (on the loop's thread); the last one
+    looked up is kept at hand, as a server runs one loop."""
+
+    __slots__ = ("_by_loop", "_last", "_make")
+
+    def __init__(self, make: Callable[[asyncio.AbstractEventLoop], _T]) -> None:
+        self._make = make
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _T] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last: tuple[asyncio.AbstractEventLoop, _T] | None = None
+
+    def get(self, loop: asyncio.AbstractEventLoop) -> _T:
+        last = self._last
+        if last is not None and last[0] is loop:
+            return last[1]
+        found = self._by_loop.get(loop)
+        if found is None:
+            found = self._by_loop.setdefault(loop, self._make(loop))
+        self._last = (loop, found)
+        return found
 
 
 class LoopCompletions:
@@ -81,18 +103,10 @@ class LoopCompletions:
 def completions_for(loop: asyncio.AbstractEventLoop) -> LoopCompletions:
     """The one :class:`LoopCompletions` of ``loop`` (made on first use; call it on the loop's
     thread)."""
-    global _last_completions
-    last = _last_completions
-    if last is not None and last._loop is loop:  # one loop serves: skip the weak dict
-        return last
-    found = _BY_LOOP.get(loop)
-    if found is None:
-        found = _BY_LOOP.setdefault(loop, LoopCompletions(loop, get_ident()))
-    _last_completions = found
-    return found
+    return _COMPLETIONS.get(loop)
 
 
-_last_completions: LoopCompletions | None = None
+_COMPLETIONS: _PerLoop[LoopCompletions] = _PerLoop(lambda loop: LoopCompletions(loop, get_ident()))
 
 
 class LoopSlot:
@@ -117,10 +131,6 @@ class LoopSlot:
     def cancelled(self) -> bool:
         """Whether its owner gave up (read from the worker: a plain attribute read)."""
         return self.future.done()
-
-    def cancel(self) -> bool:
-        """Cancel it (on the loop's thread, as its owner does)."""
-        return self.future.cancel()
 
 
 class DeadlineWatch:
@@ -171,22 +181,9 @@ class DeadlineWatch:
             self._timer = self._loop.call_later(self.TICK, self._tick)
 
 
-_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DeadlineWatch] = (
-    weakref.WeakKeyDictionary()
-)
+_WATCHES: _PerLoop[DeadlineWatch] = _PerLoop(DeadlineWatch)
 
 
 def deadline_watch(loop: asyncio.AbstractEventLoop) -> DeadlineWatch:
     """The one :class:`DeadlineWatch` of ``loop`` (made on first use)."""
-    global _last_watch
-    last = _last_watch
-    if last is not None and last._loop is loop:
-        return last
-    found = _WATCHES.get(loop)
-    if found is None:
-        found = _WATCHES.setdefault(loop, DeadlineWatch(loop))
-    _last_watch = found
-    return found
-
-
-_last_watch: DeadlineWatch | None = None
+    return _WATCHES.get(loop)

@@ -358,8 +358,6 @@ class Stage:
         get = self.queue.get_batch_entries
         timeout = self.timeout
         name = self.name
-        batching = self.batching
-        func = self.funcs[index]
         computing = self.computing[index]
         fail = fail_item
         while True:
@@ -387,17 +385,7 @@ class Stage:
             if not recs:
                 continue
             with computing:
-                t0 = _perf()
-                if batching:
-                    outs = self._compute_batch(func, recs, rows)
-                else:
-                    rec = recs[0]
-                    try:
-                        outs = [func(rec.value)]
-                    except Exception as e:
-                        outs = [_Failure(item_failed(e, rec.key, name))]
-                dt = _perf() - t0
-                self._finish(counters, index, recs, rows, waits, outs, dt)
+                self._run(counters, index, recs, rows, waits)
 
     def run_inline(self, rec: Item, rows: int) -> bool:
         """Compute one item now, in this thread, as a batch of one; False (nothing done) unless
@@ -417,20 +405,32 @@ class Stage:
         try:
             if len(self.queue):
                 return False
-            func = self.funcs[0]
-            t0 = _perf()
-            if self.batching:
-                outs = self._compute_batch(func, [rec], [rows])
-            else:
-                try:
-                    outs = [func(rec.value)]
-                except Exception as e:
-                    outs = [_Failure(item_failed(e, rec.key, self.name))]
-            dt = _perf() - t0
-            self._finish(self.counters[0], 0, [rec], [rows], [0.0], outs, dt)
+            self._run(self.counters[0], 0, [rec], [rows], [0.0])
         finally:
             lock.release()
         return True
+
+    def _run(
+        self,
+        counters: Counters,
+        index: int,
+        recs: list[Item],
+        rows: list[int],
+        waits: list[float],
+    ) -> None:
+        """Compute one batch on instance ``index`` (its ``computing`` lock held), timed, then
+        :meth:`_finish` it."""
+        func = self.funcs[index]
+        t0 = _perf()
+        if self.batching:
+            outs = self._compute_batch(func, recs, rows)
+        else:
+            rec = recs[0]
+            try:
+                outs = [func(rec.value)]
+            except Exception as e:
+                outs = [_Failure(item_failed(e, rec.key, self.name))]
+        self._finish(counters, index, recs, rows, waits, outs, _perf() - t0)
 
     def _finish(
         self,
