@@ -177,10 +177,7 @@ class RsgiApp:
         )
         if length is not None and length > limit:
             await _Body(proto, length).drop(limit)
-        if self.drain.draining:
-            out_headers = [h for h in out_headers if h[0].lower() != "connection"]
-            out_headers.append(_CLOSE)
-        proto.response_bytes(status, out_headers, payload)
+        self._respond(proto, Reply(status, out_headers, payload))
 
 
 def _thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
@@ -223,16 +220,8 @@ class _Body:
             return
         self.consumed = True
         limit = max_body + drop_limit(max_body)
-        if self.length > limit:
-            return
-        left = limit
-        try:
-            async for chunk in self.proto:
-                left -= len(chunk)
-                if left <= 0:
-                    return
-        except Exception:  # the client went away: nothing left to answer
-            return
+        if self.length <= limit:
+            await _read_bounded(self.proto, 0, limit)
 
 
 async def _read_bounded(proto: Any, keep: int, most: int) -> tuple[bytes, bool]:
@@ -247,7 +236,7 @@ async def _read_bounded(proto: Any, keep: int, most: int) -> tuple[bytes, bool]:
             size += len(chunk)
             if size > most:
                 return b"".join(parts), False
-    except Exception:  # the client went away mid-body: Flask sees a short body
+    except Exception:  # the client went away mid-body: what arrived is all there is
         pass
     return b"".join(parts), True
 

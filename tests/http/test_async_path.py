@@ -240,3 +240,20 @@ def test_keep_alive_connections_are_reused_for_hot_and_flask_routes(
             assert (resp.getheader("Connection") or "").lower() != "close"
     finally:
         conn.close()
+
+
+def test_a_body_cut_short_is_a_bad_request_not_a_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _recording_model(Threads(), Threads())
+    with running_server("cut", model=model) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        admission = server.state.admission
+        deadline = time.monotonic() + 10
+        while (admission.in_flight or not admission.admitted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert admission.admitted == 1
+        assert admission.in_flight == 0  # its slot, lease and activity are released
+        assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+        np.testing.assert_allclose(_post(server.url, np.ones(16, np.float32)), np.ones(16) @ W)
