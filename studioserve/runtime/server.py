@@ -138,8 +138,11 @@ class ModelServer:
                 self.threads,
                 self.http_server,
             )
-            # on granian's loop a request holds no thread while its pipe computes it
-            state_of(self.app).admission.threads_per_request = self.http.kind != "granian"
+            # on granian's loop a request holds no thread while its pipe computes it, so no
+            # pool bounds how many bodies are held: bound their bytes as the thread cap did
+            admission = state_of(self.app).admission
+            admission.threads_per_request = self.http.kind != "granian"
+            admission.max_body_bytes = default_max_in_flight(self.threads) * cfg.max_body
             for entry in self.repository.models():  # worker threads up before the first request
                 for served in entry.versions.values():
                     served.model.start()

@@ -11,7 +11,10 @@ limit, before the body is read or decoded, and refuses (raises
 
 1. ``max_in_flight`` inference requests are already admitted (a cap below the thread pool,
    :func:`default_max_in_flight`: the threads left over stay free to answer refusals, probes
-   and the status page at once, so the HTTP server's queue drains fast, as 503s);
+   and the status page at once, so the HTTP server's queue drains fast, as 503s), or the
+   declared bytes of the bodies admitted would pass ``max_body_bytes`` (the runtime sets it
+   to the cap times ``--max-body``: on an event loop no thread pool bounds how many bodies
+   are held at once; a request alone is always admitted on this count);
 2. the pipe's first queue is full (submit would raise :class:`~studioserve.errors.Overloaded`);
 3. the whole batches ahead of a new item would keep it waiting longer than
    ``max_queue_time`` (:meth:`AdmissionController.expected_wait`: the rows queued in the
@@ -110,6 +113,11 @@ class AdmissionController:
         #: does (its call runs in the executor), so the cap binds only those: a pipe's
         #: requests wait in its queue, where the queue-time rule sees them
         self.threads_per_request = True
+        #: the most request-body bytes admitted at once (declared lengths; None: no bound).
+        #: On an event loop no thread pool bounds how many bodies are read at a time, so the
+        #: runtime sets it to what the thread cap allowed: the cap times ``--max-body``
+        self.max_body_bytes: int | None = None
+        self._body_bytes = 0
         self._lock = threading.Lock()
         self._in_flight = 0
         self._per_pipe: dict[int, int] = {}  # id(pipe) -> admitted requests on that model
@@ -125,12 +133,15 @@ class AdmissionController:
         """Inference requests admitted and not yet released."""
         return self._in_flight
 
-    def admit(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> None:
+    def admit(self, pipe: ModelPipe | None | _Default = _DEFAULT, nbytes: int = 0) -> None:
         """Take a slot for one request; :meth:`release` it once the request is answered.
 
         :param pipe: the pipe of the model the request runs on (default: the controller's
             own): with several models served, the in-flight cap is the server's and the
             queue verdict is each model's.
+        :param nbytes: the request's declared body length, counted against
+            :attr:`max_body_bytes` (a request is always admitted on this count when no other
+            body is in flight).
         :raises Saturated: when the server is saturated (see the module docstring); no slot
             is taken then.
         """
@@ -142,8 +153,12 @@ class AdmissionController:
         key = id(pipe)
         with self._lock:  # decide and count at once: concurrent requests see each other
             in_flight = self._in_flight
+            held = self._body_bytes
+            most = self.max_body_bytes
             if cap is not None and in_flight >= cap and self._cap_binds(load, cap):
                 reason: str | None = "in_flight"
+            elif most is not None and held and held + nbytes > most:
+                reason = "body_bytes"
             elif load is None:
                 reason = None
             else:
@@ -152,11 +167,13 @@ class AdmissionController:
                 reason = self._queue_verdict(load, wait)
             if reason is None:
                 self._in_flight = in_flight + 1
+                self._body_bytes = held + nbytes
                 self._per_pipe[key] = self._per_pipe.get(key, 0) + 1
                 self.admitted += 1
                 return
             self.refused += 1
-            self.refused_by[reason] += 1
+            # the body bytes are an in-flight bound too: counted with the cap's refusals
+            self.refused_by["in_flight" if reason == "body_bytes" else reason] += 1
         raise self._refusal(reason, load, wait, in_flight)
 
     def _cap_binds(self, load: PipeLoad | None, cap: int) -> bool:
@@ -184,11 +201,12 @@ class AdmissionController:
         key = id(self.pipe if isinstance(pipe, _Default) else pipe)
         return self._per_pipe.get(key, 0) <= 1
 
-    def release(self, pipe: ModelPipe | None | _Default = _DEFAULT) -> None:
-        """Give back the slot :meth:`admit` took (for the same ``pipe``)."""
+    def release(self, pipe: ModelPipe | None | _Default = _DEFAULT, nbytes: int = 0) -> None:
+        """Give back the slot :meth:`admit` took (for the same ``pipe`` and ``nbytes``)."""
         key = id(self.pipe if isinstance(pipe, _Default) else pipe)
         with self._lock:
             self._in_flight -= 1
+            self._body_bytes -= nbytes
             left = self._per_pipe.get(key, 0) - 1
             if left > 0:
                 self._per_pipe[key] = left
@@ -233,7 +251,13 @@ class AdmissionController:
             if math.isfinite(wait):
                 backlog = max(backlog, wait + load.batch_seconds)
         retry = min(MAX_RETRY_AFTER, max(1.0, float(math.ceil(backlog))))
-        if reason == "in_flight":
+        if reason == "body_bytes":
+            what = (
+                f"{self._body_bytes} bytes of request bodies are in flight, the most it holds "
+                f"at once ({self.max_body_bytes})"
+            )
+            reason = "in_flight"
+        elif reason == "in_flight":
             what = (
                 f"{in_flight} inference requests are in flight, the most it admits at once "
                 "(the HTTP threads minus a reserve)"

@@ -129,9 +129,12 @@ class _Predict:
 
 #: what the request path yields to its driver when it needs the body
 _READ = object()
+#: what it yields for the body of a request it refused: drop it (the WSGI driver reads it;
+#: on the loop the transport drops it after the reply, streamed, never held whole)
+_DROP = object()
 
-#: one request's path: yields ``_READ`` (sent the body) and ``_Predict`` (sent the result),
-#: returns the reply; an error of either is thrown into it
+#: one request's path: yields ``_READ`` (sent the body), ``_DROP`` and ``_Predict`` (sent the
+#: result), returns the reply; an error of either is thrown into it
 _Steps = Generator[object, Any, Reply]
 
 
@@ -174,7 +177,7 @@ class RequestHandler:
             need = steps.send(None)
             while True:
                 try:
-                    if need is _READ:
+                    if need is _READ or need is _DROP:
                         value = request.read()
                     else:
                         assert isinstance(need, _Predict)
@@ -200,9 +203,14 @@ class RequestHandler:
             need = steps.send(None)
             while True:
                 try:
-                    if need is _READ:
+                    if need is _READ or need is _DROP:
                         aread = request.aread
-                        value = request.read() if aread is None else await aread()
+                        if aread is None:
+                            value = request.read()
+                        elif need is _READ:
+                            value = await aread()
+                        else:  # the transport drops what it did not read
+                            value = b""
                     else:
                         assert isinstance(need, _Predict)
                         value = await need.model.predict_async(
@@ -249,20 +257,21 @@ class RequestHandler:
         protocol = self.protocol
         admission = self.admission
         pipe = target.model.pipe
+        length = request.length
+        nbytes = length or 0
         try:
-            length = request.length
             if length is not None and length > self.max_body:
                 raise TooLarge(self.max_body, length)
             if admission is not None:
-                admission.admit(pipe)
+                admission.admit(pipe, nbytes)
         except Saturated as e:
-            # read and drop the body of a refused request, so its keep-alive connection
-            # stays usable: a server that answers before reading the body must close the
-            # connection, and a client already sending its next request on it gets a
-            # connection error instead of the 503; reading a body (at most --max-body,
-            # checked above) costs far less than decoding it
+            # drop the body of a refused request, so its keep-alive connection stays usable:
+            # a server that answers before reading the body must close the connection, and a
+            # client already sending its next request on it gets a connection error instead
+            # of the 503; reading a body (at most --max-body, checked above) costs far less
+            # than decoding it
             try:
-                yield _READ
+                yield _DROP
             except Exception:  # TooLarge, a client gone: the reply is what matters
                 pass
             return protocol.error(e)
@@ -273,7 +282,7 @@ class RequestHandler:
         try:
             return (yield from self._serve(request, target))
         finally:
-            admission.release(pipe)
+            admission.release(pipe, nbytes)
 
     def _serve(self, request: InferenceRequest, target: ServedVersion) -> _Steps:
         protocol = self.protocol

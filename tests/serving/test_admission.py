@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import http.client
 import json
 import pickle
 import subprocess
@@ -36,8 +37,9 @@ from studioserve.serving.inference import InferenceRequest, RequestHandler
 from studioserve.serving.observer import Observers
 from studioserve.serving.protocols import OipProtocol, PickleProtocol
 from studioserve.serving.service import ModelService
+from studioserve.tensors import TensorSpec
 from studioserve.wire.oip_codec import encode_infer_request
-from tests.helpers import gated_pipe, running_server
+from tests.helpers import gated_pipe, raw_post, running_server
 
 # -- the controller alone ------------------------------------------------------------------------
 
@@ -563,3 +565,51 @@ def test_below_capacity_nothing_is_refused() -> None:
     assert report["statuses"] == {200: report["statuses"].get(200, 0)}
     assert report["statuses"][200] >= 0.8 * 0.5 * CAPACITY * LOAD_SECONDS
     assert report["admission"]["refused"] == 0
+
+
+def test_the_bytes_of_bodies_in_flight_are_bounded() -> None:
+    ctl = AdmissionController(None, max_queue_time=1.0)
+    ctl.max_body_bytes = 100
+    ctl.admit(None, 150)  # alone: always admitted, however large (it passed --max-body)
+    with pytest.raises(Saturated, match="bytes of request bodies are in flight") as refused:
+        ctl.admit(None, 1)
+    assert refused.value.retry_after >= 1
+    ctl.release(None, 150)
+    ctl.admit(None, 60)
+    ctl.admit(None, 40)
+    with pytest.raises(Saturated):
+        ctl.admit(None, 1)
+    ctl.release(None, 40)
+    ctl.admit(None, 40)  # what was released is free again
+    assert ctl.snapshot()["refused_by"]["in_flight"] == 2
+    assert ctl.in_flight == 2
+
+
+def test_on_the_loop_a_refused_body_is_dropped_and_the_connection_kept() -> None:
+    pipe, gate, entered = gated_pipe()
+    model = PipeModel(pipe, source="gated", inputs=[TensorSpec("x", (2,), "float32")])
+    body = pickle.dumps({"x": np.ones(2, np.float32)})
+    with running_server("gated", model=model) as server:
+        admission = server.state.admission
+        assert admission.max_body_bytes is not None  # set by the server
+        admission.max_body_bytes = len(body)  # one body in flight at a time
+        try:
+            held = threading.Thread(target=raw_post, args=(server.url, body))
+            held.start()
+            assert entered.wait(10)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("POST", "/", body=body)
+            resp = conn.getresponse()
+            answer = json.loads(resp.read())
+            assert resp.status == 503
+            assert resp.getheader("Retry-After")
+            assert "bytes of request bodies are in flight" in answer["error"]["message"]
+            gate.set()
+            held.join(30)
+            conn.request("POST", "/", body=body)  # the same connection serves on
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+            conn.close()
+        finally:
+            gate.set()
