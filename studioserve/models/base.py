@@ -251,8 +251,9 @@ class PipeModel(Model):
     ) -> dict[str, Any]:
         """:meth:`predict` on an event loop: the items are awaited on the loop (completed a
         batch at a time by the pipe's worker), and the loop's deadline watch fails what is
-        left at the deadline. A lone one-key request on an idle, cheap pipe is computed right here
-        (``alone``, :meth:`ModelPipe.submit_async`): no hand-off, no timer."""
+        left at the deadline. A lone one-key request on an idle, cheap pipe is computed right
+        here (``alone``, :meth:`ModelPipe.submit_async`): its future is done on return, so it
+        needs no hand-off and no watch, and awaiting it does not suspend."""
         pipe = self._pipe
         items = self._items(data)
         deadline = time.monotonic() + timeout
@@ -265,16 +266,10 @@ class PipeModel(Model):
             for f in futures.values():
                 f.cancel()
             raise _refused(e) from e
-        if inline:
-            ((key, fut),) = futures.items()
-            if fut.done():
-                try:
-                    result = fut.result()
-                except Exception as e:
-                    raise _failure({key: _key_error(key, e)}, 1) from None
-                return {key: _unwrap(result) if items[key][1] else result}
-        watch = deadline_watch(asyncio.get_running_loop())
-        token = watch.add(deadline, functools.partial(_expire, futures, timeout))
+        watch = token = None
+        if not all(f.done() for f in futures.values()):  # computed inline: nothing to watch
+            watch = deadline_watch(asyncio.get_running_loop())
+            token = watch.add(deadline, functools.partial(_expire, futures, timeout))
         out: dict[str, Any] = {}
         bad: dict[str, PipelineError] = {}
         try:
@@ -286,7 +281,8 @@ class PipeModel(Model):
                     continue
                 out[key] = _unwrap(result) if items[key][1] else result
         finally:
-            watch.discard(token)
+            if watch is not None and token is not None:
+                watch.discard(token)
             for f in futures.values():  # an abandoned request leaves nothing for the worker
                 f.cancel()
         if bad:
