@@ -11,8 +11,8 @@ $(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# PyTorch's CPU build first (the default wheel pulls several GB of CUDA libraries)
-	$(BIN)/python -m pip install -q 'torch==2.13.0+cpu' || $(BIN)/python -m pip install -q torch
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-compile 'torch==2.13.0+cpu' || $(BIN)/python -m pip install -q --no-compile torch
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -52,6 +52,8 @@ bench-repository: venv
 	$(BIN)/python bench/bench_repository.py
 bench-frameworks: venv
 	$(BIN)/python bench/bench_frameworks.py
+bench-ray: venv
+	$(BIN)/python bench/bench_ray.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,7 @@ from .errors import StudioServeError
 if TYPE_CHECKING:
     from .cloud import CloudOptions
     from .cloud import Overrides as CloudOverrides
+    from .rayserve.backend import RayBackend
     from .runtime import ModelServer
     from .store import Store
 
@@ -137,6 +138,8 @@ def _print_ready(server: ModelServer, *, token_shown: bool = True) -> None:
         outs = ", ".join(s.describe() for s in model.outputs) or "any"
         click.echo(f"{prefix}inputs:  {ins}")
         click.echo(f"{prefix}outputs: {outs}")
+    if server.grpc_address is not None:
+        click.echo(f"  gRPC (KServe v2): {server.grpc_address}")
     if server.config.watch is not None:
         click.echo(f"  watching the store every {server.config.watch:g}s for new checkpoints")
     if server.token and token_shown:
@@ -308,6 +311,11 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("backend") == "ray":  # --gpus is each Ray replica's
+            if kwargs.get("cloud") is not None:
+                raise click.UsageError("--cloud and --backend ray do not go together")
+            kwargs["ray_gpus"] = kwargs.pop("gpus")
+            kwargs["gpus"] = None
         cloud = CloudArgs(**{name: kwargs.pop(name) for name in _CLOUD_FIELDS})
         return f(*args, cloud=cloud, **kwargs)
 
@@ -372,6 +380,13 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=_default("port"),
     show_default=True,
     help="TCP port (0: any free port).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve the Open Inference Protocol over gRPC (KServe v2, tritonclient.grpc) on "
+    "this port (Triton uses 8001; 0: any free port). Needs the grpc extra.",
 )
 @click.option(
     "--host",
@@ -462,6 +477,33 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="The WSGI server.",
 )
 @click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default=_default("backend"),
+    show_default=True,
+    help="local: this process serves; ray: a Ray Serve application on a Ray cluster (a local "
+    "one unless --ray-address), the same routes behind Ray's HTTP proxy on --host/--port.",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --backend ray: replicas per model (default: --instances, serving.toml, else 1).",
+)
+@click.option(
+    "--autoscale",
+    default=None,
+    metavar="MIN:MAX",
+    help="With --backend ray: let Ray scale each model between MIN and MAX replicas on its "
+    "queue length.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="With --backend ray: the cluster to join (auto, ray://HOST:10001); default: start a "
+    "local Ray instance for as long as it serves.",
+)
+@click.option(
     "--refresh", is_flag=True, help="Fetch a remote experiment again, ignoring the local cache."
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -472,6 +514,7 @@ def serve(
     token: str | None,
     token_file: Path | None,
     cloud: CloudArgs,
+    ray_gpus: int | None = None,
     **settings: Any,
 ) -> None:
     """Serve experiment KEY's latest checkpoint (or --wrapper's model) over HTTP.
@@ -496,6 +539,10 @@ def serve(
         for name in settings
         if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
     )
+    if settings["autoscale"] is not None:
+        from .rayserve.options import parse_autoscale
+
+        settings["autoscale"] = parse_autoscale(settings["autoscale"])
     if settings["version_policy"] is not None:
         from .model_config import parse_version_policy
 
@@ -509,12 +556,39 @@ def serve(
         overrides = ctx.obj.get("cloud_overrides") if isinstance(ctx.obj, dict) else None
         _serve_on_cloud(config, cloud.options(), overrides=overrides, dry_run=bool(cloud.dry_run))
         return
+    if config.backend == "ray":
+        from .rayserve import RayOptions, serve_on_ray
+
+        options = RayOptions.from_config(config, gpus=float(ray_gpus or 0))
+        sys.exit(
+            serve_on_ray(
+                config,
+                options,
+                on_ready=lambda backend: _print_ray_ready(backend, token_file is None),
+            )
+        )
     code = run_server(
         config,
         on_ready=lambda server: _print_ready(server, token_shown=token_file is None),
         http_server=config.http_server,
     )
     sys.exit(code)
+
+
+def _print_ray_ready(backend: RayBackend, token_shown: bool) -> None:
+    keys = backend.keys
+    where = "Ray Serve" + (f" at {backend.options.address}" if backend.options.address else "")
+    if len(keys) == 1:
+        click.echo(f"Serving experiment {keys[0]!r} on {where} at {backend.url}")
+    else:
+        click.echo(f"Serving {len(keys)} models on {where} at {backend.url}")
+        for key in keys:
+            click.echo(f"  {key}: {backend.url}/models/{key}")
+    click.echo(f"  application: {backend.app_name} (see 'studio ray status')")
+    if backend.token and token_shown:
+        click.echo(f"  token: {backend.token}  (send 'Authorization: Bearer <token>')")
+    elif backend.token:
+        click.echo("  token: the one in --token-file (send 'Authorization: Bearer <token>')")
 
 
 def _serve_on_cloud(
@@ -593,6 +667,56 @@ def instances_stop(ids: tuple[str, ...], stop_all: bool) -> None:
     from .cloud import stop_instances
 
     for line in stop_instances(list(ids) or None, all=stop_all):
+        click.echo(line)
+
+
+# -- ray ---------------------------------------------------------------------------------------
+
+
+@main.group("ray")
+def ray_group() -> None:
+    """See and stop the studioserve applications on a Ray cluster (--backend ray)."""
+
+
+_ADDRESS = click.option(
+    "--address",
+    default="auto",
+    show_default=True,
+    help="The Ray cluster (auto: the one this machine runs or $RAY_ADDRESS; ray://HOST:10001).",
+)
+
+
+@ray_group.command("status")
+@_ADDRESS
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ray_status_command(address: str, as_json: bool) -> None:
+    """List the studioserve applications on the cluster: models, replicas, URL."""
+    configure_logging(False)
+    from .rayserve import ray_status
+
+    apps = ray_status(address)
+    if as_json:
+        click.echo(json.dumps(apps, indent=2))
+        return
+    if not apps:
+        click.echo("no studioserve application on this Ray cluster", err=True)
+        return
+    for app in apps:
+        click.echo(f"{app['name']}: {app['status']} at {app['url']}")
+        for key, model in app["models"].items():
+            replicas = ", ".join(f"{n} {state}" for state, n in model["replicas"].items())
+            click.echo(f"  {key}: {model['status']} ({replicas or 'no replica'})")
+
+
+@ray_group.command("stop")
+@click.argument("names", nargs=-1)
+@_ADDRESS
+def ray_stop_command(names: tuple[str, ...], address: str) -> None:
+    """Delete studioserve applications by name (all of them when none is named)."""
+    configure_logging(False)
+    from .rayserve import ray_stop
+
+    for line in ray_stop(list(names), address):
         click.echo(line)
 
 

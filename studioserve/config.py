@@ -110,6 +110,8 @@ class ServeConfig:
     :param wrapper: a wrapper file path or module name, or None.
     :param host: the address to bind; any non-loopback address turns on token auth.
     :param port: the TCP port (0: any free port).
+    :param grpc_port: also serve the Open Inference Protocol over gRPC on this port of
+        ``host`` (0: any free port; None: no gRPC; needs the ``grpc`` extra).
     :param killafter: seconds without an accepted inference request before the server exits
         (0: never).
     :param max_batch_size: the most items one model call takes.
@@ -126,6 +128,13 @@ class ServeConfig:
     :param max_keys: the most keys (JSON object members) one request body may carry.
     :param http_server: the WSGI server, ``"granian"`` or ``"waitress"`` (``studio serve
         --http-server``; :func:`studioserve.serve` takes it as its ``http_server`` argument).
+    :param backend: ``"local"`` (this process serves) or ``"ray"`` (a Ray Serve application on
+        a local or existing Ray cluster, :mod:`studioserve.rayserve`).
+    :param replicas: with the Ray backend, replicas per model (None: ``instances``, the
+        model's serving.toml, else 1).
+    :param autoscale: with the Ray backend, ``(min, max)`` replicas per model, scaled by Ray.
+    :param ray_address: with the Ray backend, the cluster to join (``auto``,
+        ``ray://HOST:PORT``); None starts a local Ray instance for as long as it serves.
     :param refresh: ignore the local cache of a remote store.
     :param quiet: no progress bars.
     :param verbose: debug logging.
@@ -144,6 +153,7 @@ class ServeConfig:
     wrapper: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    grpc_port: int | None = None
     killafter: float = DEFAULT_KILLAFTER
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_delay_ms: float = 0.0
@@ -156,6 +166,10 @@ class ServeConfig:
     max_queue_ms: float | None = None
     max_keys: int = DEFAULT_MAX_KEYS
     http_server: str = DEFAULT_HTTP_SERVER
+    backend: str = "local"
+    replicas: int | None = None
+    autoscale: tuple[int, int] | None = None
+    ray_address: str | None = None
     refresh: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -173,6 +187,10 @@ class ServeConfig:
             raise ConfigError("--instances must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range; pass --port between 0 and 65535")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(
+                f"gRPC port {self.grpc_port} is out of range; pass --grpc-port between 0 and 65535"
+            )
         if self.killafter < 0:
             raise ConfigError("--killafter must be >= 0 (0 means never)")
         if self.max_batch_size < 1:
@@ -187,6 +205,24 @@ class ServeConfig:
             raise ConfigError("--max-keys must be >= 1")
         if self.max_queue_ms is not None and self.max_queue_ms <= 0:
             raise ConfigError("--max-queue-ms must be > 0 (leave it out for the automatic bound)")
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"--backend {self.backend!r}: use local or ray")
+        if self.backend != "ray":
+            given = [
+                flag
+                for flag, value in (
+                    ("--replicas", self.replicas),
+                    ("--autoscale", self.autoscale),
+                    ("--ray-address", self.ray_address),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ConfigError(f"{', '.join(given)} need(s) --backend ray")
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError("--replicas must be >= 1")
+        if self.replicas is not None and self.autoscale is not None:
+            raise ConfigError("give --replicas or --autoscale, not both")
 
     @property
     def auth_enabled(self) -> bool:

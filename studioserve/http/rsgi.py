@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import sys
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import WireError
 from ..serving.inference import InferenceRequest, Reply, RequestHandler
 from .app import drain_of
+from .bridge import call_wsgi, inference_route, no_sync_read, thread_pool, with_close, wsgi_environ
 from .pickle_routes import Drain
 from .responses import drop_limit
 from .servers import ServedApp
@@ -52,32 +49,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["RsgiApp", "served_app"]
 
 _now = time.monotonic
-_CLOSE = ("connection", "close")
-
-
-def _no_sync_read() -> bytes:  # pragma: no cover - handle_async reads through aread
-    raise RuntimeError("this request's body is read on the event loop")
-
-
-def _route(path: str) -> tuple[bool, str | None, str | None] | None:
-    """``(oip, model, version)`` for an inference route, None for any other path."""
-    if path == "/":
-        return False, None, None
-    if path.startswith("/models/"):
-        oip, rest = False, path[8:]
-    elif path.startswith("/v2/models/") and path.endswith("/infer"):
-        oip, rest = True, path[11:-6]
-    else:
-        return None
-    model, _, tail = rest.partition("/")
-    version = None
-    if tail:
-        tag, _, version = tail.partition("/")
-        if tag != "versions" or not version or "/" in version:
-            return None
-    if not model:
-        return None
-    return oip, model, version
 
 
 class RsgiApp:
@@ -101,7 +72,7 @@ class RsgiApp:
     # -- granian's hooks -----------------------------------------------------------------------
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._executor = _thread_pool(self.threads, "studioserve-http")
+        self._executor = thread_pool(self.threads, "studioserve-http")
         loop.set_default_executor(self._executor)
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -121,7 +92,7 @@ class RsgiApp:
         drain = self.drain
         drain.last_request = _now()
         headers = scope.headers
-        route = _route(scope.path) if scope.method == "POST" else None
+        route = inference_route(scope.path) if scope.method == "POST" else None
         if (
             route is None
             or not self.state.authorized(headers.get("authorization"))
@@ -140,7 +111,7 @@ class RsgiApp:
         oip, model, version = route
         body = _Body(proto, length)
         reply = await self._handlers[oip].handle_async(
-            InferenceRequest(length, _no_sync_read, headers.get, model, version, aread=body.read)
+            InferenceRequest(length, no_sync_read, headers.get, model, version, aread=body.read)
         )
         if not body.consumed and length:
             await body.drop(self.max_body)
@@ -151,8 +122,7 @@ class RsgiApp:
     def _respond(self, proto: Any, reply: Reply) -> None:
         headers = reply.headers
         if self.drain.draining:  # checked as the response starts: requests in flight too
-            headers = [h for h in headers if h[0].lower() != "connection"]
-            headers.append(_CLOSE)
+            headers = with_close(headers)
         proto.response_bytes(reply.status, headers, reply.body)
 
     async def _wsgi(self, scope: Any, proto: Any) -> None:
@@ -170,25 +140,26 @@ class RsgiApp:
             body, complete = b"", True
         else:
             body, complete = await _read_bounded(proto, limit + 1, limit + drop_limit(limit))
-        environ = _environ(scope, body, chunked=length is None)
+        host, _, port = scope.server.rpartition(":")
+        environ = wsgi_environ(
+            method=scope.method,
+            path=scope.path,
+            query=scope.query_string,
+            headers=scope.headers.items(),
+            server=(host, port),
+            client=scope.client.rpartition(":")[0] or scope.client,
+            scheme=scope.scheme,
+            http_version=scope.http_version,
+            body=body,
+            chunked=length is None,
+        )
         loop = asyncio.get_running_loop()
         status, out_headers, payload = await loop.run_in_executor(
-            self._executor, _call_wsgi, self.wsgi, environ
+            self._executor, call_wsgi, self.wsgi, environ
         )
         if length is not None and length > limit:
             await _Body(proto, length).drop(limit)
         self._respond(proto, Reply(status, out_headers, payload))
-
-
-def _thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
-    """A pool with all of its threads started (up before the first request, like the model's
-    workers; a pool that grew under load would start threads then)."""
-    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
-    barrier = threading.Barrier(threads)
-    # each task waits for all the others, so every submit finds no idle thread and starts one
-    for f in [pool.submit(barrier.wait, 10.0) for _ in range(threads)]:
-        f.result()
-    return pool
 
 
 class _Body:
@@ -239,61 +210,6 @@ async def _read_bounded(proto: Any, keep: int, most: int) -> tuple[bytes, bool]:
     except Exception:  # the client went away mid-body: what arrived is all there is
         pass
     return b"".join(parts), True
-
-
-def _environ(scope: Any, body: bytes, *, chunked: bool) -> dict[str, Any]:
-    """The PEP 3333 environ of an RSGI request (its body already read)."""
-    host, _, port = scope.server.rpartition(":")
-    client = scope.client.rpartition(":")[0] or scope.client
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": scope.method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": scope.path.encode("utf-8").decode("latin-1"),
-        "QUERY_STRING": scope.query_string,
-        "SERVER_NAME": host,
-        "SERVER_PORT": port,
-        "SERVER_PROTOCOL": f"HTTP/{scope.http_version}",
-        "REMOTE_ADDR": client,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scope.scheme,
-        "wsgi.input": io.BytesIO(body),
-        "wsgi.errors": sys.stderr,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-    }
-    for name, value in scope.headers.items():
-        if name == "content-type":
-            key = "CONTENT_TYPE"
-        elif name == "content-length":
-            key = "CONTENT_LENGTH"
-        else:
-            key = "HTTP_" + name.upper().replace("-", "_")
-        environ[key] = f"{environ[key]},{value}" if key in environ else value
-    if chunked:  # the stream ends where the body ends (read_unsized reads it in chunks)
-        environ["wsgi.input_terminated"] = True
-    return environ
-
-
-def _call_wsgi(
-    app: Callable[..., Any], environ: dict[str, Any]
-) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Run the WSGI app on this (pool) thread: ``(status, headers, body)``."""
-    started: list[Any] = []
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        started[:] = [status, headers]
-        return lambda data: None
-
-    result = app(environ, start_response)
-    try:
-        payload = b"".join(result)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    status, headers = started
-    return int(status.split(" ", 1)[0]), list(headers), payload
 
 
 def served_app(app: Any, threads: int) -> ServedApp:

@@ -87,6 +87,7 @@ def _model_json(model: Model) -> dict[str, Any]:
     if instances > 1:
         out["instances"] = instances
         out["devices"] = list(getattr(model, "devices", ()) or ())
+    out.update(model.report())
     return out
 
 

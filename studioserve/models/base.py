@@ -143,6 +143,11 @@ class Model(abc.ABC):
             None, functools.partial(self.predict, data, timeout=timeout)
         )
 
+    def report(self) -> dict[str, Any]:
+        """Facts beyond the signature for the status page (a remote model's replicas); empty
+        by default."""
+        return {}
+
     def describe(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs) or "any"
         outs = ", ".join(s.describe() for s in self.outputs) or "any"

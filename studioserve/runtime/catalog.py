@@ -174,7 +174,7 @@ class ModelCatalog:
         self._seen[name] = fingerprint
         return last == fingerprint
 
-    def _settings(self, name: str) -> ModelConfig:
+    def settings(self, name: str) -> ModelConfig:
         """The model's serving.toml, with the command line's given options laid over it."""
         cfg = self.config
         file = ModelConfig()
@@ -202,7 +202,7 @@ class ModelCatalog:
                     return None  # failed as it is: retried once the store changes
                 if name not in self.repository:
                     self.repository.update(name, state=LOADING, reason="loading")
-                settings = self._settings(name)
+                settings = self.settings(name)
                 if settings.ensemble:
                     self._loaded[name] = _Loaded(fingerprint, {}, settings, ensemble=True)
                     return "ensemble"

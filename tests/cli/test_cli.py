@@ -52,7 +52,7 @@ def test_help_is_fast_and_lists_commands() -> None:
             "import sys, studioserve, studioserve.cli; "
             "print(any(m in sys.modules for m in ('keras', 'tensorflow', 'numpy', 'flask', "
             "'torch', 'onnxruntime', 'onnx', 'sklearn', 'skops', 'xgboost', 'lightgbm', "
-            "'pyspark', 'cloudpickle', 'joblib')))",
+            "'pyspark', 'cloudpickle', 'joblib', 'ray')))",
         ],
         capture_output=True,
         text=True,

@@ -31,8 +31,6 @@ from tests.frameworks.helpers import (
     check_missing_extra,
     check_oip_answers,
     check_pickle_answers,
-    cli_served,
-    post,
     serving,
     studio,
 )
@@ -200,18 +198,3 @@ def test_without_java_the_error_says_pyspark_needs_one(
 def test_missing_pyspark_names_the_extra(trained: Trained, store_dir: Path, tmp_path: Path) -> None:
     add_experiment(store_dir, "lr", trained.folder, serving=ONE_INSTANCE)
     check_missing_extra(tmp_path, store_dir, "lr", "pyspark", "spark")
-
-
-def test_cli_adds_and_serves_a_spark_pipeline(
-    trained: Trained, store_dir: Path, tmp_path: Path
-) -> None:
-    config = tmp_path / "serving.toml"
-    config.write_text(ONE_INSTANCE)
-    with cli_served(store_dir, "spark-lr", trained.folder, "spark", config=config) as url:
-        x = _x(4)
-        want = trained.predict(x)
-        status, out = post(url, {"many": x, "one": x[0]})
-        assert status == 200, out
-        assert_close(out["many"], want)
-        assert_close(out["one"], {k: v[0] for k, v in want.items()})
-        check_oip_answers(url, "spark-lr", {"features": x}, want)
