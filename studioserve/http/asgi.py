@@ -18,13 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import WireError
 from ..serving.inference import InferenceRequest, Reply, RequestHandler
-from .bridge import call_wsgi, inference_route, no_sync_read, thread_pool, with_close, wsgi_environ
+from .bridge import (
+    call_wsgi,
+    inference_route,
+    no_sync_read,
+    read_bounded,
+    thread_pool,
+    with_close,
+    wsgi_environ,
+)
 from .pickle_routes import Drain
 from .responses import drop_limit
 from .state import AppState
@@ -151,7 +159,8 @@ class AsgiApp:
         elif length == 0 or (length is None and method in ("GET", "HEAD")):
             body, complete = b"", True
         else:
-            body, complete = await _read_bounded(receive, limit + 1, limit + drop_limit(limit))
+            most = limit + drop_limit(limit)
+            body, complete = await read_bounded(_chunks(receive), limit + 1, most)
         server = scope.get("server") or ("127.0.0.1", 80)
         client = scope.get("client") or ("", 0)
         environ = wsgi_environ(
@@ -228,23 +237,15 @@ class _Body:
         self.consumed = True
         limit = max_body + drop_limit(max_body)
         if self.length <= limit:
-            await _read_bounded(self.receive, 0, limit)
+            await read_bounded(_chunks(self.receive), 0, limit)
 
 
-async def _read_bounded(receive: Receive, keep: int, most: int) -> tuple[bytes, bool]:
-    """The body's first ``keep`` bytes, the rest read and dropped up to ``most`` bytes in all:
-    ``(bytes kept, whether the body ended within`` ``most``)."""
-    parts: list[bytes] = []
-    size = 0
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The body's chunks as ``receive`` hands them over, to its end or the client's going."""
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client went away mid-body
-            return b"".join(parts), True
-        chunk = message.get("body", b"")
-        if size < keep:
-            parts.append(chunk[: keep - size])
-        size += len(chunk)
-        if size > most:
-            return b"".join(parts), False
+            return
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            return b"".join(parts), True
+            return

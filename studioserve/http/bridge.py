@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "call_wsgi",
     "inference_route",
     "no_sync_read",
+    "read_bounded",
     "thread_pool",
     "with_close",
     "wsgi_environ",
@@ -139,3 +140,21 @@ def with_close(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     out = [h for h in headers if h[0].lower() != "connection"]
     out.append(("connection", "close"))
     return out
+
+
+async def read_bounded(chunks: AsyncIterable[bytes], keep: int, most: int) -> tuple[bytes, bool]:
+    """A body's first ``keep`` bytes, the rest read and dropped up to ``most`` bytes in all:
+    ``(bytes kept, whether the body ended within`` ``most``). A client that goes away mid-body
+    ends it: what arrived is all there is."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in chunks:
+            if size < keep:
+                parts.append(chunk[: keep - size])
+            size += len(chunk)
+            if size > most:
+                return b"".join(parts), False
+    except Exception:
+        pass
+    return b"".join(parts), True

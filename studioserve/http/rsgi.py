@@ -38,7 +38,15 @@ from typing import Any
 from ..errors import WireError
 from ..serving.inference import InferenceRequest, Reply, RequestHandler
 from .app import drain_of
-from .bridge import call_wsgi, inference_route, no_sync_read, thread_pool, with_close, wsgi_environ
+from .bridge import (
+    call_wsgi,
+    inference_route,
+    no_sync_read,
+    read_bounded,
+    thread_pool,
+    with_close,
+    wsgi_environ,
+)
 from .pickle_routes import Drain
 from .responses import drop_limit
 from .servers import ServedApp
@@ -139,7 +147,7 @@ class RsgiApp:
         elif length == 0 or (length is None and scope.method in ("GET", "HEAD")):
             body, complete = b"", True
         else:
-            body, complete = await _read_bounded(proto, limit + 1, limit + drop_limit(limit))
+            body, complete = await read_bounded(proto, limit + 1, limit + drop_limit(limit))
         host, _, port = scope.server.rpartition(":")
         environ = wsgi_environ(
             method=scope.method,
@@ -192,24 +200,7 @@ class _Body:
         self.consumed = True
         limit = max_body + drop_limit(max_body)
         if self.length <= limit:
-            await _read_bounded(self.proto, 0, limit)
-
-
-async def _read_bounded(proto: Any, keep: int, most: int) -> tuple[bytes, bool]:
-    """The body's first ``keep`` bytes, the rest read and dropped up to ``most`` bytes in all:
-    ``(bytes kept, whether the body ended within`` ``most``)."""
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in proto:
-            if size < keep:
-                parts.append(chunk[: keep - size])
-            size += len(chunk)
-            if size > most:
-                return b"".join(parts), False
-    except Exception:  # the client went away mid-body: what arrived is all there is
-        pass
-    return b"".join(parts), True
+            await read_bounded(self.proto, 0, limit)
 
 
 def served_app(app: Any, threads: int) -> ServedApp:
