@@ -138,8 +138,6 @@ def _print_ready(server: ModelServer, *, token_shown: bool = True) -> None:
         outs = ", ".join(s.describe() for s in model.outputs) or "any"
         click.echo(f"{prefix}inputs:  {ins}")
         click.echo(f"{prefix}outputs: {outs}")
-    if server.grpc_address is not None:
-        click.echo(f"  gRPC (KServe v2): {server.grpc_address}")
     if server.config.watch is not None:
         click.echo(f"  watching the store every {server.config.watch:g}s for new checkpoints")
     if server.token and token_shown:
@@ -380,13 +378,6 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=_default("port"),
     show_default=True,
     help="TCP port (0: any free port).",
-)
-@click.option(
-    "--grpc-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Also serve the Open Inference Protocol over gRPC (KServe v2, tritonclient.grpc) on "
-    "this port (Triton uses 8001; 0: any free port). Needs the grpc extra.",
 )
 @click.option(
     "--host",
