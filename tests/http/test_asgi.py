@@ -40,7 +40,11 @@ MAX_BODY = 64 * 1024
 
 def _model() -> PipeModel:
     pipe = ModelPipe(name="asgi")
-    pipe.add(lambda batch: batch @ W, max_batch_size=32, name="matmul")
+    def matmul(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.005)  # long enough that concurrent requests queue up behind a batch
+        return batch @ W
+
+    pipe.add(matmul, max_batch_size=32, name="matmul")
     return PipeModel(
         pipe,
         source="asgi-test",
@@ -92,7 +96,7 @@ def test_inference_answers_and_concurrent_requests_batch(
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(one, range(160))) == {200}
     batches = pipe.stats().stages["matmul"].batches - before
-    assert batches < 160  # items of concurrent requests met in batches
+    assert batches < 120  # items of concurrent requests met in batches
 
 
 def test_the_rest_is_flask_with_the_same_auth(

@@ -43,10 +43,16 @@ def test_killafter_deletes_the_application_and_stops_the_local_ray(
 ) -> None:
     store, w = onnx_store
     port = free_port()
-    args = ["mlp", "--backend", "ray", "--store", store, "--port", str(port), "--killafter", "4"]
+    args = ["mlp", "--backend", "ray", "--store", store, "--port", str(port), "--killafter", "8"]
     proc, url = start_cli(args, _env())
     try:
         assert url == f"http://127.0.0.1:{port}"
+        x = np.ones(8, np.float32)
+        status, _, body = raw_post(url, pickle.dumps({"a": x}))
+        assert status == 200, body
+        out = pickle.loads(body)  # noqa: S301 - our own server's answer
+        np.testing.assert_allclose(out["a"], x @ w, rtol=1e-5, atol=1e-5)
+        # within --killafter of that request: the application is still there
         listed = subprocess.run(
             [sys.executable, "-m", "studioserve", "ray", "status", "--json"],
             capture_output=True,
@@ -59,11 +65,6 @@ def test_killafter_deletes_the_application_and_stops_the_local_ray(
         assert app["name"] == "studioserve"
         assert app["url"] == url
         assert app["models"]["mlp"]["replicas"] == {"RUNNING": 1}
-        x = np.ones(8, np.float32)
-        status, _, body = raw_post(url, pickle.dumps({"a": x}))
-        assert status == 200, body
-        out = pickle.loads(body)  # noqa: S301 - our own server's answer
-        np.testing.assert_allclose(out["a"], x @ w, rtol=1e-5, atol=1e-5)
         assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
