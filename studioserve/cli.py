@@ -138,6 +138,8 @@ def _print_ready(server: ModelServer, *, token_shown: bool = True) -> None:
         outs = ", ".join(s.describe() for s in model.outputs) or "any"
         click.echo(f"{prefix}inputs:  {ins}")
         click.echo(f"{prefix}outputs: {outs}")
+    if server.grpc_address is not None:
+        click.echo(f"  gRPC (KServe v2): {server.grpc_address}")
     if server.config.watch is not None:
         click.echo(f"  watching the store every {server.config.watch:g}s for new checkpoints")
     if server.token and token_shown:
@@ -378,6 +380,13 @@ def cloud_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=_default("port"),
     show_default=True,
     help="TCP port (0: any free port).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve the Open Inference Protocol over gRPC (KServe v2, tritonclient.grpc) on "
+    "this port (Triton uses 8001; 0: any free port). Needs the grpc extra.",
 )
 @click.option(
     "--host",
@@ -940,10 +949,11 @@ def _header(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option(
     "--protocol",
     "-p",
-    type=click.Choice(["pickle", "oip"]),
+    type=click.Choice(["pickle", "oip", "grpc"]),
     default="pickle",
     show_default=True,
-    help="POST / with a pickle, or the Open Inference Protocol's infer.",
+    help="POST / with a pickle, the Open Inference Protocol's infer, or its gRPC ModelInfer "
+    "(URL: host:port of --grpc-port; needs the grpc extra).",
 )
 @click.option(
     "--body",
@@ -966,7 +976,9 @@ def _header(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option(
     "--json-tensors", is_flag=True, help="OIP: send tensors as JSON lists, not binary data."
 )
-@click.option("--model", default=None, help="OIP model name (default: the server's experiment).")
+@click.option(
+    "--model", default=None, help="OIP/gRPC model name (default: the server's experiment)."
+)
 @click.option("--token", default=None, help="Bearer token (default: $STUDIO_TOKEN).")
 @click.option(
     "--warmup",

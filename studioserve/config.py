@@ -110,6 +110,8 @@ class ServeConfig:
     :param wrapper: a wrapper file path or module name, or None.
     :param host: the address to bind; any non-loopback address turns on token auth.
     :param port: the TCP port (0: any free port).
+    :param grpc_port: also serve the Open Inference Protocol over gRPC on this port of
+        ``host`` (0: any free port; None: no gRPC; needs the ``grpc`` extra).
     :param killafter: seconds without an accepted inference request before the server exits
         (0: never).
     :param max_batch_size: the most items one model call takes.
@@ -151,6 +153,7 @@ class ServeConfig:
     wrapper: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    grpc_port: int | None = None
     killafter: float = DEFAULT_KILLAFTER
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_delay_ms: float = 0.0
@@ -184,6 +187,12 @@ class ServeConfig:
             raise ConfigError("--instances must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range; pass --port between 0 and 65535")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(
+                f"gRPC port {self.grpc_port} is out of range; pass --grpc-port between 0 and 65535"
+            )
+        if self.grpc_port is not None and self.backend == "ray":
+            raise ConfigError("--grpc-port is served by the local backend only; drop --backend ray")
         if self.killafter < 0:
             raise ConfigError("--killafter must be >= 0 (0 means never)")
         if self.max_batch_size < 1:

@@ -6,13 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-import numpy as np
-
 from .._version import __version__
 from ..models import Model
 from ..serving.repository import ServedModel, ServedVersion
 from ..tensors import TensorSpec
-from ..wire.oip_codec import CONFIG_TYPES, datatype_of
+from ..wire.oip_codec import CONFIG_TYPES, spec_datatype
 
 __all__ = ["model_config", "model_metadata", "server_metadata"]
 
@@ -29,13 +27,6 @@ def _dims(shape: Sequence[int | None]) -> list[int]:
     return [-1 if d is None else int(d) for d in shape]
 
 
-def _spec_datatype(spec: TensorSpec) -> str:
-    try:
-        return datatype_of(np.dtype(spec.dtype))
-    except (TypeError, ValueError):
-        return "BYTES" if spec.dtype in ("string", "str", "object") else "FP32"
-
-
 def _batched(model: Model) -> bool:
     return model.batches and bool(model.inputs)
 
@@ -50,7 +41,7 @@ def _max_batch_size(model: Model) -> int:
 def _tensor_meta(model: Model, specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
     batch = [-1] if _batched(model) else []
     return [
-        {"name": s.name, "datatype": _spec_datatype(s), "shape": batch + _dims(s.shape)}
+        {"name": s.name, "datatype": spec_datatype(s), "shape": batch + _dims(s.shape)}
         for s in specs
     ]
 
@@ -76,7 +67,7 @@ def _config_tensors(specs: Sequence[TensorSpec], output: bool) -> list[dict[str,
     for s in specs:
         t: dict[str, Any] = {
             "name": s.name,
-            "data_type": CONFIG_TYPES[_spec_datatype(s)],
+            "data_type": CONFIG_TYPES[spec_datatype(s)],
             "dims": _dims(s.shape),
             "is_shape_tensor": False,
         }

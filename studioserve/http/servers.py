@@ -36,6 +36,7 @@ instead (``kind == "waitress"``): slower, but it serves.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -161,6 +162,17 @@ def event_loop() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the kind :func:`event_loop` names, for a server that runs its own (the
+    gRPC server, :mod:`studioserve.grpcapi.server`)."""
+    if event_loop() == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
 
 
 class GranianServer:

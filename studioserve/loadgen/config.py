@@ -15,7 +15,7 @@ from typing import Any, Final
 from ..errors import ConfigError
 
 #: The protocols ``studio bench`` can speak.
-PROTOCOLS: Final = ("pickle", "oip")
+PROTOCOLS: Final = ("pickle", "oip", "grpc")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,18 +23,21 @@ class BenchConfig:
     """What to measure and how.
 
     :param url: the server's base URL (``http://host:port``); for the pickle protocol a path,
-        if given, is the endpoint (default ``/``).
+        if given, is the endpoint (default ``/``); for gRPC its address (``host:port`` or
+        ``grpc://host:port``).
     :param concurrency: closed-loop levels: connections each sending back to back.
     :param request_rates: open-loop levels in requests per second (replaces ``concurrency``).
     :param duration: seconds per level (ignored when ``requests`` is given).
     :param requests: requests per level.
-    :param protocol: ``"pickle"`` (``POST /``) or ``"oip"`` (``POST /v2/models/{name}/infer``).
+    :param protocol: ``"pickle"`` (``POST /``), ``"oip"`` (``POST /v2/models/{name}/infer``)
+        or ``"grpc"`` (the KServe v2 gRPC ``ModelInfer``, raw tensors).
     :param body_file: send this file's bytes as the body instead of a synthesised one.
     :param content_type: the body file's Content-Type (default: from its suffix).
     :param headers: extra request headers.
     :param batch: examples per synthesised request.
     :param binary: OIP only: send tensors with the binary data extension (else JSON).
-    :param model: OIP only: the model name (default: the studioserve server's experiment).
+    :param model: OIP and gRPC: the model name (default: the studioserve server's experiment;
+        over gRPC the one model the repository index lists).
     :param token: bearer token.
     :param warmup: seconds of discarded load before each level.
     :param processes: generator processes (default: CPU count, at most 4, at most the level).
@@ -62,7 +65,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; use pickle or oip")
+            raise ConfigError(f"unknown protocol {self.protocol!r}; use pickle, oip or grpc")
         if not self.request_rates and not self.concurrency:
             raise ConfigError("give at least one concurrency level or request rate")
         if any(c < 1 for c in self.concurrency):
@@ -89,6 +92,11 @@ class BenchConfig:
     def levels(self) -> tuple[float, ...]:
         """The levels to measure, in order: request rates, else concurrencies (as floats)."""
         return self.request_rates if self.request_rates else tuple(map(float, self.concurrency))
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The gRPC ``authorization`` metadata for :attr:`token` (empty without one)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     @property
     def auth_headers(self) -> dict[str, str]:

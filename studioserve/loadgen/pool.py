@@ -1,7 +1,7 @@
 """The parent's side of the generator processes: starting them, handing out phases, collecting.
 
 Each process is a fresh interpreter (``python -c``, running
-:func:`studioserve.loadgen.worker.worker_process`) connected by two pipes, so neither the
+:func:`studioserve.loadgen.process.worker_process`) connected by two pipes, so neither the
 parent's threads nor its ``__main__`` module come along, whatever the parent is running (a
 CLI, a test runner, a notebook). All processes of a phase start sending at the same moment,
 given in the :class:`~.worker.Spec` as a ``time.monotonic()`` instant.
@@ -23,7 +23,7 @@ from .worker import Outcome, Spec
 
 #: The folder ``studioserve`` is imported from, put on the processes' ``PYTHONPATH``.
 _ROOT = str(Path(__file__).resolve().parents[2])
-_WORKER_CODE = "from studioserve.loadgen.worker import worker_process; worker_process({}, {})"
+_WORKER_CODE = "from studioserve.loadgen.process import worker_process; worker_process({}, {})"
 
 
 class Pool:

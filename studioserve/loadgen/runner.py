@@ -15,9 +15,9 @@ from typing import IO
 
 from .config import BenchConfig, default_processes
 from .pool import Pool
+from .prepare import prepare_target
 from .progress import Progress
 from .results import BenchResult, LevelResult, fmt, level_label, summarise
-from .target import prepare_target
 from .worker import Spec
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,9 @@ The body is built once, before any load, in one of three ways:
   :func:`studioserve.wire.oip_codec.encode_infer_request`;
 - or read from a file (``--body``).
 
+(gRPC's message is built by :mod:`.grpc_load`, from the same synthesised tensors;
+:func:`~.prepare.prepare_target` picks one of the two.)
+
 One probe request must then succeed (a 2xx) before any load is sent, so a wrong token, model
 name or body fails fast with the server's own message instead of as a table of errors.
 """
@@ -33,7 +36,11 @@ from .config import BenchConfig
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A prepared endpoint: the request bytes every connection sends, and what they carry."""
+    """A prepared endpoint: the request bytes every connection sends, and what they carry.
+
+    For gRPC (``scheme`` ``"grpc"``) ``path`` is the method's path, ``body`` the serialized
+    message and ``headers`` the call's metadata.
+    """
 
     scheme: str
     host: str
@@ -43,6 +50,11 @@ class Target:
     headers: dict[str, str]
     description: str
     rows: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (a gRPC target's address)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def request_bytes(self) -> bytes:
         """The whole HTTP/1.1 request (head and body), as sent on a keep-alive connection."""
@@ -144,7 +156,7 @@ def _random(shape: Sequence[int], dtype: np.dtype[Any], rng: np.random.Generator
     return arr
 
 
-def _tensors_text(tensors: dict[str, Any]) -> str:
+def tensors_text(tensors: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in tensors.items())
 
 
@@ -168,10 +180,10 @@ def _pickle_target(cfg: BenchConfig, server: _Server, path: str) -> Target:
         what = f"float32{list(np.shape(value))} (the server declares no signature)"
     elif len(specs) == 1:
         value = make(specs[0])
-        what = _tensors_text({specs[0]["name"]: value})
+        what = tensors_text({specs[0]["name"]: value})
     else:
         value = {s["name"]: make(s) for s in specs}
-        what = _tensors_text(value)
+        what = tensors_text(value)
     body, content_type = wire.encode_request({"x": value}, "pickle")
     headers = {"Content-Type": content_type, **auth}
     return server.target(path, body, headers, f"pickle POST {path}, {{'x': {what}}}", cfg.batch)
@@ -192,7 +204,7 @@ def _oip_model_name(cfg: BenchConfig, server: _Server) -> str:
     return name
 
 
-def _oip_inputs(cfg: BenchConfig, meta: dict[str, Any]) -> dict[str, Any]:
+def oip_inputs(cfg: BenchConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """Random tensors for the inputs in OIP model metadata (a batch of ``cfg.batch``)."""
     rng = np.random.default_rng(cfg.seed)
     inputs: dict[str, Any] = {}
@@ -223,7 +235,7 @@ def _oip_target(cfg: BenchConfig, server: _Server) -> Target:
             "that the server speaks the Open Inference Protocol",
             status=status,
         )
-    inputs = _oip_inputs(cfg, meta)
+    inputs = oip_inputs(cfg, meta)
     body, headers = oip_codec.encode_infer_request(
         inputs, binary=cfg.binary, binary_output=cfg.binary
     )
@@ -232,7 +244,7 @@ def _oip_target(cfg: BenchConfig, server: _Server) -> Target:
         path,
         body,
         {**headers, **cfg.auth_headers},
-        f"OIP POST {path}, {kind} tensors {_tensors_text(inputs)}",
+        f"OIP POST {path}, {kind} tensors {tensors_text(inputs)}",
         cfg.batch,
     )
 
@@ -257,8 +269,8 @@ def _file_target(cfg: BenchConfig, server: _Server, path: str) -> Target:
     )
 
 
-def prepare_target(cfg: BenchConfig) -> Target:
-    """Build the request every connection will send, and check one round trip works.
+def http_target(cfg: BenchConfig) -> Target:
+    """Build the HTTP request every connection will send, and check one round trip works.
 
     :raises ClientError: when the server cannot be reached or the probe request fails.
     :raises ConfigError: for a bad URL, body file or missing model name.

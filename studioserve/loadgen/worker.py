@@ -14,9 +14,8 @@ Latencies are kept for successful (2xx) requests only; other statuses and connec
 are counted by kind. The generator checks itself: each phase reports the process's CPU time
 beside the wall time, so the parent can tell when a process was too busy to have sent faster.
 
-The process talks to its parent over two pipes: it reads ``(target, timeout)``, then one
-:class:`Spec` per phase, and answers each with ``("progress", n)`` messages and a final
-``("done", outcome)``; ``None`` ends it.
+The process's main loop is :func:`studioserve.loadgen.process.worker_process` (which runs a
+gRPC target's phases with :mod:`.grpc_load`'s worker instead).
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def merge_counts(counts: Iterable[Mapping[_K, int]]) -> dict[_K, int]:
     return out
 
 
-class _Tally:
+class Tally:
     """One connection's (or event loop's) counts; nothing is kept while ``record`` is off."""
 
     def __init__(self, record: bool) -> None:
@@ -104,7 +103,7 @@ class _Tally:
         self.n += 1
 
     @staticmethod
-    def merge(tallies: list[_Tally], cpu: float, wall: float) -> Outcome:
+    def merge(tallies: list[Tally], cpu: float, wall: float) -> Outcome:
         latencies = array("d")
         for t in tallies:
             latencies.extend(t.latencies)
@@ -156,7 +155,7 @@ class _SharedConnections:
             c.close()
 
 
-class _Worker:
+class Worker:
     """Runs phases against one target; reports progress on ``report``."""
 
     def __init__(self, target: Target, timeout: float, report: Connection) -> None:
@@ -168,7 +167,7 @@ class _Worker:
 
     def run(self, spec: Spec) -> Outcome:
         """Run one phase; closed loop on threads, open loop on an event loop."""
-        tallies = [_Tally(spec.record) for _ in range(max(1, spec.connections))]
+        tallies = [Tally(spec.record) for _ in range(max(1, spec.connections))]
         delay = spec.start - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -189,16 +188,16 @@ class _Worker:
             stop.set()
             if reporter.is_alive():
                 reporter.join()
-        return _Tally.merge(tallies, cpu, wall)
+        return Tally.merge(tallies, cpu, wall)
 
-    def _report(self, tallies: list[_Tally], stop: threading.Event) -> None:
+    def _report(self, tallies: list[Tally], stop: threading.Event) -> None:
         """Tell the parent how many requests finished, ten times a second (progress bar)."""
         while not stop.wait(0.1):
             self.report.send(("progress", sum(t.n for t in tallies)))
 
     # -- closed loop ------------------------------------------------------------------------
 
-    def _closed_loop(self, spec: Spec, tallies: list[_Tally]) -> None:
+    def _closed_loop(self, spec: Spec, tallies: list[Tally]) -> None:
         """One thread per connection, each sending its next request when the answer is in.
 
         Blocking sockets cost the generator the least CPU per request (a fraction of what an
@@ -219,7 +218,7 @@ class _Worker:
         for t in threads:
             t.join()
 
-    def _back_to_back(self, spec: Spec, tally: _Tally, taken: itertools.count[int]) -> None:
+    def _back_to_back(self, spec: Spec, tally: Tally, taken: itertools.count[int]) -> None:
         """One closed-loop connection, until the phase ends (or, in requests mode, the
         requests shared through ``taken`` run out)."""
         sock: socket.socket | None = None
@@ -275,7 +274,7 @@ class _Worker:
 
     # -- open loop --------------------------------------------------------------------------
 
-    async def _open_loop(self, spec: Spec, out: _Tally) -> None:
+    async def _open_loop(self, spec: Spec, out: Tally) -> None:
         """Start requests on a fixed schedule; a request without a free connection opens one
         (up to a bound), else waits for one, its wait counted in its latency."""
         loop = asyncio.get_running_loop()
@@ -314,7 +313,7 @@ class _Worker:
         self,
         loop: asyncio.AbstractEventLoop,
         conn: AsyncConnection | None,
-        out: _Tally,
+        out: Tally,
         started: float,
     ) -> AsyncConnection | None:
         """One request on ``conn`` (a new one if None); returns the connection to reuse."""
@@ -343,23 +342,3 @@ class _Worker:
             conn.close()
             return None
         return conn
-
-
-def worker_process(rfd: int, wfd: int) -> None:
-    """A generator process's main loop (started by :class:`~.pool.Pool` as ``python -c``).
-
-    Reads ``(target, timeout)``, then one :class:`Spec` per phase, answering each with
-    ``("progress", n)`` messages and a final ``("done", outcome)``; ``None`` ends it.
-    """
-    rconn = Connection(rfd, writable=False)
-    wconn = Connection(wfd, readable=False)
-    try:
-        target, timeout = rconn.recv()
-        worker = _Worker(target, timeout, wconn)
-        while True:
-            spec = rconn.recv()
-            if spec is None:
-                return
-            wconn.send(("done", worker.run(spec)))
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        return

@@ -6,6 +6,11 @@ importing studioserve (and ``studio --help``) stays fast. The model is called th
 batching stage of a pipe; requests are validated once, against the signature, by
 :class:`~studioserve.models.base.PipeModel` before anything is queued.
 
+Outputs are named by :func:`~studioserve.pipelines.keras_stage.keras_signature`: a dict
+model's keys, else each output layer's name, or ``output_0``, ``output_1``, ... where Keras
+named the layer itself. A model of several outputs answers each request key with a dict by
+those names, so pickle answers, OIP metadata and gRPC agree.
+
 Instances (Triton's instance groups): ``KerasModel(..., instances=N)`` runs N copies of the
 model in its one batching stage, fed by one queue, so whichever copy is free takes the next
 batch. The first copy is the model given; each other copy is a clone with the same weights
@@ -209,7 +214,7 @@ class KerasModel(PipeModel):
         runners = [_first_copy(model, labels[0], checkpoint, source)]
         runners += [_copy(model, label, runners[0], checkpoint, source) for label in labels[1:]]
         models = [r.model for r in runners]
-        calls = [_call(r) for r in runners]
+        calls = [_call(r, [s.name for s in outputs]) for r in runners]
         placed = [label for label in labels if label is not None]
         pipe = ModelPipe(queue_size=queue_size, name="model")
         pipe.add(
@@ -315,15 +320,26 @@ def _runner(model: Any, device: str | None) -> KerasRunner:
     return KerasRunner(model) if device is None else KerasRunner(model, device=device)
 
 
-def _call(runner: KerasRunner) -> Callable[[Any], Any]:
-    """One instance's stage function: its runner, fed its inputs in input order."""
+def _call(runner: KerasRunner, outputs: Sequence[str]) -> Callable[[Any], Any]:
+    """One instance's stage function: its runner, fed its inputs in input order; a model of
+    several outputs answers a dict by output name (the names of its signature, so a pickle
+    answer carries the names that OIP metadata and gRPC show)."""
     names = runner.input_names
-    if len(names) <= 1:
+    several = len(outputs) > 1
+    if len(names) <= 1 and not several:
         return runner
+
+    def named(out: Any) -> Any:
+        if several and isinstance(out, (list, tuple)) and len(out) == len(outputs):
+            return dict(zip(outputs, out, strict=True))
+        return out
+
+    if len(names) <= 1:
+        return lambda batch: named(runner(batch))
 
     # validated items are dicts by input name; the runner takes them in input order
     def call(batch: Any) -> Any:
-        return runner(tuple(batch[n] for n in names))
+        return named(runner(tuple(batch[n] for n in names)))
 
     return call
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -441,22 +442,73 @@ def _check(spec: TensorSpec, value: Any) -> np.ndarray[Any, Any]:
 def keras_signature(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The per-example input and output specs of a Keras model (empty when not built).
 
-    Outputs are named after the layers that produce them (``model.output_names``, stable across
-    a save and load), not after their symbolic tensors (``keras_tensor_7``, which change).
+    Inputs are named after their ``keras.Input`` layers. Outputs are named, stably across a
+    save and load (never after their symbolic tensors, ``keras_tensor_7``, which change):
+
+    - a model whose outputs are a dict: by its keys;
+    - else each output by the layer that produces it (``Dense(3, name="probs")``: ``probs``),
+      or ``output_0``, ``output_1``, ... by position when that layer was not given a name
+      (Keras's own ``dense``, ``dense_3``) or two outputs would share one.
     """
-
-    def specs(tensors: Any, prefix: str, names: Any = None) -> list[TensorSpec]:
-        out = []
-        tensors = list(tensors or [])
-        names = list(names or [])
-        for i, t in enumerate(tensors):
-            shape = tuple(None if d is None else int(d) for d in tuple(t.shape)[1:])
-            name = (names[i] if len(names) == len(tensors) else None) or getattr(t, "name", None)
-            out.append(TensorSpec(str(name or f"{prefix}{i}"), shape, dtype_name(t.dtype)))
-        return out
-
     try:
-        output_names = getattr(model, "output_names", None)
-        return specs(model.inputs, "input_"), specs(model.outputs, "output_", output_names)
+        inputs = _specs(
+            [(str(getattr(t, "name", None) or f"input_{i}"), t) for i, t in enumerate(model.inputs)]
+        )
+        structure = getattr(model, "output", None)
+        if isinstance(structure, Mapping) and all(isinstance(k, str) for k in structure):
+            return inputs, _specs(list(structure.items()))
+        tensors = list(model.outputs or [])
+        return inputs, _specs(list(zip(_output_names(model, tensors), tensors, strict=True)))
     except (AttributeError, ValueError, TypeError):
         return [], []
+
+
+def _specs(named: Sequence[tuple[str, Any]]) -> list[TensorSpec]:
+    return [
+        TensorSpec(
+            name,
+            tuple(None if d is None else int(d) for d in tuple(t.shape)[1:]),
+            dtype_name(t.dtype),
+        )
+        for name, t in named
+    ]
+
+
+def _output_names(model: Any, tensors: Sequence[Any]) -> list[str]:
+    """Each output's producing layer's name, else ``output_<i>`` (see :func:`keras_signature`)."""
+    layers = [_producer(model, t, i, len(tensors)) for i, t in enumerate(tensors)]
+    names = [
+        str(layer.name) if layer is not None and not _auto_named(layer) else None
+        for layer in layers
+    ]
+    shared = {n for n in names if n is not None and names.count(n) > 1}
+    return [n if n is not None and n not in shared else f"output_{i}" for i, n in enumerate(names)]
+
+
+def _producer(model: Any, tensor: Any, i: int, count: int) -> Any:
+    """The layer that produces output ``tensor`` (the ``i``-th of ``count``), or None."""
+    history = getattr(tensor, "_keras_history", None)
+    layer = getattr(history, "operation", None) or getattr(history, "layer", None)
+    if layer is not None:
+        return layer
+    names = getattr(model, "output_names", None)
+    if names and len(names) == count:
+        try:
+            return model.get_layer(names[i])
+        except ValueError:
+            return None
+    layers = getattr(model, "layers", None)
+    return layers[-1] if count == 1 and layers else None
+
+
+def _snake_case(name: str) -> str:
+    """A class name as Keras turns it into a layer's default name (``Conv2D`` -> ``conv2d``)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _auto_named(layer: Any) -> bool:
+    """Whether the layer's name is one Keras made up for it (``dense``, ``dense_3``)."""
+    base = re.escape(_snake_case(type(layer).__name__))
+    return re.fullmatch(rf"{base}(_\d+)?", str(layer.name)) is not None

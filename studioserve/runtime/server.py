@@ -13,7 +13,10 @@ and exits 0.
 HTTP is served by granian's Rust HTTP stack through its WSGI interface, embedded in this
 process (so the model and its batching pipe are shared by every request); waitress is the
 pure-Python fallback (``http_server="waitress"``). The servers live in
-:mod:`studioserve.http.servers`; bench/bench_wsgi.py measured the choice.
+:mod:`studioserve.http.servers`; bench/bench_wsgi.py measured the choice. With
+``--grpc-port`` the same process also serves the Open Inference Protocol over gRPC
+(:mod:`studioserve.grpcapi`, the ``grpc`` extra), through the same request path; the drain
+covers its calls too, and it stops with the HTTP server.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import _allocator
+from .. import _allocator, grpcapi
 from ..config import ServeConfig, resolve_store_url
 from ..http.app import create_app, drain_of
 from ..http.rsgi import served_app
@@ -42,6 +45,9 @@ from ..serving.service import ModelService
 from ..store import Store, open_store
 from .catalog import ModelCatalog
 
+if TYPE_CHECKING:
+    from ..grpcapi.server import GrpcServer
+
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT = 30.0
@@ -51,6 +57,8 @@ DRAIN_GRACE = 3.0
 #: kept-alive connection comes one round trip after the answer to its last)
 DRAIN_QUIET = 1.0
 SUMMARY_INTERVAL = 60.0
+#: seconds the gRPC server gives calls still in flight when it stops (after the drain)
+GRPC_GRACE = 1.0
 
 
 class ModelServer:
@@ -82,6 +90,8 @@ class ModelServer:
         self.service: ModelService | None = None
         self.app: Any = None
         self.http: HttpServer | None = None
+        #: the gRPC server (``--grpc-port``), or None
+        self.grpc: GrpcServer | None = None
         self.stop_reason: str | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -98,6 +108,8 @@ class ModelServer:
     def start(self) -> ModelServer:
         """Fetch, load and warm every model, start listening; returns once ready."""
         cfg = self.config
+        # before anything loads: a missing grpc extra is a ConfigError naming it
+        grpc_server = grpcapi.load_server() if cfg.grpc_port is not None else None
         try:
             store = None
             if self._model is None or len(cfg.keys) > 1 or cfg.all_models:
@@ -151,6 +163,10 @@ class ModelServer:
             self._trimmer = _allocator.Trimmer(lambda: activity.accepted).start()
             _allocator.settle_gc()  # undone with the trimmer's close
             self.http.start()
+            if grpc_server is not None and cfg.grpc_port is not None:
+                self.grpc = grpc_server(
+                    state_of(self.app), cfg.host, cfg.grpc_port, threads=self.threads
+                ).start()
             self.service.ready = True
             if cfg.watch is not None:
                 catalog.watch(cfg.watch)
@@ -173,6 +189,11 @@ class ModelServer:
     @property
     def url(self) -> str:
         return url_for(self.config.host, self.port)
+
+    @property
+    def grpc_address(self) -> str | None:
+        """Where the gRPC server listens (``host:port``), or None without ``--grpc-port``."""
+        return self.grpc.address if self.grpc is not None else None
 
     @property
     def state(self) -> AppState:
@@ -225,8 +246,9 @@ class ModelServer:
         return self._stop.wait(timeout)
 
     def close(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
-        """Drain: refuse new inference requests (503), finish the ones in flight, give
-        keep-alive clients a grace to notice, stop listening, close the pipe.
+        """Drain: refuse new inference requests (503; gRPC: UNAVAILABLE), finish the ones in
+        flight (HTTP and gRPC alike), give keep-alive clients a grace to notice, stop listening
+        (the gRPC server first), close the pipe.
 
         From the first moment of the drain every response carries ``Connection: close``, so
         clients stop reusing their connections; the HTTP server stops only once no request
@@ -262,6 +284,9 @@ class ModelServer:
                     time.sleep(0.01)
         if self.catalog is not None:
             self.catalog.close()
+        if self.grpc is not None:
+            self.grpc.stop(GRPC_GRACE)  # calls in flight finished above; new ones refused
+            self.grpc = None
         if self.http is not None:
             self.http.stop()
         if self._watcher is not None:

@@ -4,8 +4,9 @@
   the same format (or the one ``Accept`` names) out. Errors are
   ``{"error": {"type", "message", "keys"}}`` with the error's own HTTP status.
 - :class:`OipProtocol`: the Open Inference Protocol's infer (KServe v2, JSON or binary
-  tensors). Errors are ``{"error": "message"}``; statuses the protocol does not use for a bad
-  request (406, 415, 422) become 400.
+  tensors, or Triton's raw binary request for a single-input model). Errors are
+  ``{"error": "message"}``; statuses the protocol does not use for a bad request (406, 415,
+  422) become 400.
 
 Both add ``Retry-After`` to an error that carries ``retry_after`` (overloaded, not ready).
 """
@@ -19,19 +20,21 @@ import numpy as np
 
 from .. import wire
 from ..errors import ModelNotFound, RequestFailed, StudioServeError
+from ..tensors import TensorSpec
 from ..wire.budget import DecodeLimits
 from ..wire.oip_codec import (
     HEADER_LENGTH,
     InferRequest,
     bad_request,
     decode_infer_request,
+    decode_raw_request,
     encode_infer_response,
 )
 from .inference import InferenceRequest, Protocol, Reply
 from .repository import ModelRepository, ServedVersion
 from .service import ModelService
 
-__all__ = ["OipProtocol", "PickleProtocol", "retry_after_header"]
+__all__ = ["OipProtocol", "PickleProtocol", "error_message", "retry_after_header"]
 
 #: OIP answers a request it cannot use with 400, whatever our finer status says.
 _OIP_STATUS: Final[dict[int, int]] = {415: 400, 422: 400, 406: 400}
@@ -103,13 +106,24 @@ class OipProtocol(Protocol):
         return repository.lease(request.model, request.version)
 
     def decode(self, body: bytes, request: InferenceRequest) -> tuple[dict[str, Any], Any]:
-        req = decode_infer_request(
-            body,
-            request.header(HEADER_LENGTH),
-            limits=self.limits,
-            content_encoding=request.header("Content-Encoding"),
-        )
-        return self.to_service(req, _target(request)), req
+        header_length = request.header(HEADER_LENGTH)
+        target = _target(request)
+        if header_length is not None and header_length.strip() == "0":
+            req = decode_raw_request(
+                body,
+                self.raw_input(target),
+                batched=target.model.batches,
+                limits=self.limits,
+                content_encoding=request.header("Content-Encoding"),
+            )
+        else:
+            req = decode_infer_request(
+                body,
+                header_length,
+                limits=self.limits,
+                content_encoding=request.header("Content-Encoding"),
+            )
+        return self.to_service(req, target), req
 
     def encode(
         self, result: dict[str, Any], context: Any, request: InferenceRequest
@@ -128,8 +142,24 @@ class OipProtocol(Protocol):
 
     def error(self, e: StudioServeError) -> Reply:
         status = _OIP_STATUS.get(e.http_status, e.http_status)
-        body = json.dumps({"error": _message(e)}, separators=(",", ":")).encode()
+        body = json.dumps({"error": error_message(e)}, separators=(",", ":")).encode()
         return Reply(status, [_JSON, *retry_after_header(e)], body)
+
+    @staticmethod
+    def raw_input(target: ServedVersion) -> TensorSpec:
+        """The one input a raw binary request (``Inference-Header-Content-Length: 0``) is for.
+
+        :raises RequestFailed: (400) unless the model declares exactly one input.
+        """
+        specs = target.model.inputs
+        if len(specs) != 1:
+            names = ", ".join(repr(s.name) for s in specs)
+            takes = f"takes {len(specs)} inputs ({names})" if specs else "declares no inputs"
+            raise bad_request(
+                f"a raw binary request ({HEADER_LENGTH}: 0) carries exactly one input, but "
+                f"model {target.name!r} {takes}; send the JSON header with every input"
+            )
+        return specs[0]
 
     # -- tensors <-> request keys ------------------------------------------------------------
     @staticmethod
@@ -196,7 +226,7 @@ class OipProtocol(Protocol):
         return chosen, binary
 
 
-def _message(e: StudioServeError) -> str:
+def error_message(e: StudioServeError) -> str:
     """The error message with the per-key details the service gave (keys are input names)."""
     msg = str(e)
     if not isinstance(e, RequestFailed):

@@ -11,6 +11,13 @@ otherwise outputs come back as JSON lists. ``BYTES`` elements in binary form are
 little-endian length and the bytes (:func:`serialize_bytes`); in JSON they are strings.
 ``Content-Encoding: gzip`` or ``deflate`` request bodies are read with :func:`decompress`.
 
+Triton's raw binary request (:func:`decode_raw_request`) has no JSON part at all: with
+``Inference-Header-Content-Length: 0`` the body is the raw bytes of a single-input model's one
+input, its datatype and shape taken from the model's signature (the one variable dimension,
+usually the batch, deduced from the body's length); a model with several inputs, or a shape
+with more than one variable dimension, cannot be sent that way (400). Its outputs all come back
+as binary data.
+
 A request is decoded within one decode budget (:mod:`studioserve.wire.budget`), the budget of
 its body as it came over the wire: the decompressed body, what its JSON part will build and
 every tensor are charged before they are made (413 past it), a request may name at most
@@ -38,6 +45,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..errors import DecodedTooLarge, RequestFailed, TooLarge, TooManyKeys, UnsafePickle
+from ..tensors import TensorSpec
 from ._checks import check_extent, short_repr
 from ._json import charge_json
 from .budget import Budget, DecodeLimits
@@ -50,13 +58,19 @@ __all__ = [
     "InferRequest",
     "RequestedOutput",
     "bad_request",
+    "check_shape",
     "datatype_of",
     "decode_infer_request",
     "decode_infer_response",
+    "decode_raw_request",
     "decompress",
     "encode_infer_request",
     "encode_infer_response",
+    "output_array",
     "serialize_bytes",
+    "spec_datatype",
+    "tensor_from_raw",
+    "tensor_to_raw",
 ]
 
 #: The header that gives the length of the JSON part of a body with binary tensors.
@@ -108,6 +122,14 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
     return name
 
 
+def spec_datatype(spec: TensorSpec) -> str:
+    """The protocol datatype of a signature entry (``FP32`` when its dtype is unknown)."""
+    try:
+        return datatype_of(np.dtype(spec.dtype))
+    except (TypeError, ValueError):
+        return "BYTES" if spec.dtype in ("string", "str", "object") else "FP32"
+
+
 def bad_request(message: str, status: int = 400) -> RequestFailed:
     """The error for a malformed body (or request): :class:`RequestFailed`, type ``bad_request``."""
     return RequestFailed(message, status=status, error_type="bad_request")
@@ -116,7 +138,12 @@ def bad_request(message: str, status: int = 400) -> RequestFailed:
 # -- tensors -------------------------------------------------------------------------------------
 
 
-def _check_shape(name: str, shape: Any, budget: Budget) -> tuple[int, ...]:
+def check_shape(name: str, shape: Any, budget: Budget) -> tuple[int, ...]:
+    """``shape`` as a tuple, checked: a list of at most 64 non-negative integers that spans no
+    more elements than ``budget`` holds bytes.
+
+    :raises RequestFailed: (400) otherwise.
+    """
     if (
         not isinstance(shape, list)
         or len(shape) > 64
@@ -137,7 +164,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return short_repr(value, limit)
 
 
-def _bytes_elements(name: str, raw: memoryview) -> list[bytes]:
+def _bytes_elements(name: str, raw: memoryview | bytes) -> list[bytes]:
     """``BYTES`` elements from their binary form (4-byte little-endian length, then bytes)."""
     out: list[bytes] = []
     pos = 0
@@ -167,13 +194,26 @@ def serialize_bytes(arr: np.ndarray[Any, Any]) -> bytes:
     return b"".join(parts)
 
 
-def _from_binary(
+def tensor_to_raw(arr: np.ndarray[Any, Any], datatype: str) -> bytes:
+    """The binary form of a tensor of ``datatype`` (:func:`output_array` gives both)."""
+    if datatype == "BYTES":
+        return serialize_bytes(arr)
+    return np.ascontiguousarray(arr, dtype=DATATYPES[datatype]).tobytes()
+
+
+def tensor_from_raw(
     name: str,
     datatype: str,
     shape: tuple[int, ...],
-    raw: memoryview,
+    raw: memoryview | bytes,
     budget: Budget | None = None,
 ) -> np.ndarray:
+    """One input tensor from its binary form (the binary data extension, gRPC's
+    ``raw_input_contents``), charged to ``budget`` first; a view of ``raw`` when no byte order
+    changes.
+
+    :raises RequestFailed: (400) when the bytes do not hold ``shape`` of ``datatype``.
+    """
     count = math.prod(shape)
     if budget is not None:
         elements = len(raw) // 4 + 1 if datatype == "BYTES" else 0
@@ -371,7 +411,7 @@ def decode_infer_request(
                 f"input {_short(name)}: unsupported datatype {_short(datatype)}; use one of "
                 f"{', '.join(DATATYPES)}"
             )
-        shape = _check_shape(name, t.get("shape"), budget)
+        shape = check_shape(name, t.get("shape"), budget)
         tparams = _params(t, f"input {name!r}")
         if "shared_memory_region" in tparams:
             raise bad_request(f"input {name!r}: shared memory is not supported; send the data")
@@ -386,7 +426,7 @@ def decode_infer_request(
                     f"input {name!r}: binary_data_size is {size} but only "
                     f"{len(binary) - offset} bytes of binary data are left"
                 )
-            inputs[name] = _from_binary(
+            inputs[name] = tensor_from_raw(
                 name, datatype, shape, binary[offset : offset + size], budget
             )
             offset += size
@@ -433,7 +473,81 @@ def decode_infer_request(
     )
 
 
-def _output_array(name: str, value: Any) -> tuple[np.ndarray[Any, Any], str]:
+def decode_raw_request(
+    body: bytes,
+    spec: TensorSpec,
+    *,
+    batched: bool,
+    limits: DecodeLimits | None = None,
+    content_encoding: str | None = None,
+) -> InferRequest:
+    """Decode Triton's raw binary request: the whole body is the one input's raw bytes
+    (``Inference-Header-Content-Length: 0``), for a model whose only input is ``spec``.
+
+    The datatype is the signature's; the shape is ``[n, *spec.shape]`` for a ``batched``
+    model (else ``spec.shape``), and its one variable dimension (the batch, or a ``None`` in
+    ``spec.shape``) is deduced from the body's length. A ``BYTES`` input must take one element
+    per request (the body is that element, without a length prefix). Every output is asked
+    for as binary data.
+
+    :raises RequestFailed: (400) for an empty body, a shape with more than one variable
+        dimension, or a length that is not a whole number of elements of the shape.
+    :raises TooLarge: (413) for a decompressed body over ``limits.max_body``.
+    :raises DecodedTooLarge: (413) for a body over its decode budget.
+    """
+    limits = limits or DecodeLimits()
+    budget = limits.budget(len(body))
+    encoding = (content_encoding or "").strip().lower()
+    if encoding and encoding != "identity":
+        body = decompress(body, encoding, limits.max_body, budget=budget)
+    name = spec.name
+    dims: list[int | None] = [None] if batched else []
+    dims += spec.shape
+    shown = [-1 if d is None else d for d in dims]
+    if not body:
+        raise bad_request(
+            f"a raw binary request ({HEADER_LENGTH}: 0) needs a body: the raw bytes of input "
+            f"{name!r}"
+        )
+    datatype = spec_datatype(spec)
+    variable = [i for i, d in enumerate(dims) if d is None]
+    fixed = math.prod(d for d in dims if d is not None)
+    if datatype == "BYTES":
+        if fixed != 1:
+            raise bad_request(
+                f"input {name!r} is BYTES with shape {shown}: a raw binary request "
+                f"({HEADER_LENGTH}: 0) carries one BYTES element, so the input must take one "
+                "element per request (shape [1]); send the JSON header instead"
+            )
+        shape = tuple(1 if d is None else d for d in dims)
+        budget.charge(_ARRAY + len(body) + _BYTES_ELEMENT, f"input {name!r}")
+        arr = np.empty(1, dtype=object)
+        arr[0] = bytes(body)
+        return InferRequest(inputs={name: arr.reshape(shape)}, binary_output=True)
+    if len(variable) > 1:
+        raise bad_request(
+            f"the shape of raw input {name!r} cannot be deduced: {shown} has more than one "
+            f"variable dimension; send the JSON header ({HEADER_LENGTH} > 0) with the shape"
+        )
+    per = fixed * DATATYPES[datatype].itemsize
+    if per == 0 or len(body) % per or (not variable and len(body) != per):
+        want = f"a multiple of {per}" if variable else f"exactly {per}"
+        raise bad_request(
+            f"raw input {name!r} is {datatype} of shape {shown}: its body must be {want} "
+            f"bytes, not {len(body)}"
+        )
+    shape = tuple(len(body) // per if d is None else d for d in dims)
+    check_shape(name, list(shape), budget)
+    arr = tensor_from_raw(name, datatype, shape, memoryview(body), budget)
+    return InferRequest(inputs={name: arr}, binary_output=True)
+
+
+def output_array(name: str, value: Any) -> tuple[np.ndarray[Any, Any], str]:
+    """An output value as an array the protocol carries, and its datatype (strings become
+    ``BYTES`` elements).
+
+    :raises RequestFailed: (500) for a value no protocol datatype fits.
+    """
     arr = np.asarray(value)
     if arr.dtype.kind in "SU":
         flat = np.empty(arr.size, dtype=object)
@@ -474,14 +588,11 @@ def encode_infer_response(
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, value in outputs.items():
-        arr, datatype = _output_array(name, value)
+        arr, datatype = output_array(name, value)
         as_binary = binary if isinstance(binary, bool) else binary.get(name, False)
         t: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if as_binary:
-            if datatype == "BYTES":
-                raw = serialize_bytes(arr)
-            else:
-                raw = np.ascontiguousarray(arr, dtype=DATATYPES[datatype]).tobytes()
+            raw = tensor_to_raw(arr, datatype)
             t["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
@@ -527,14 +638,10 @@ def encode_infer_request(
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, value in inputs.items():
-        arr, datatype = _output_array(name, value)
+        arr, datatype = output_array(name, value)
         t: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            raw = (
-                serialize_bytes(arr)
-                if datatype == "BYTES"
-                else np.ascontiguousarray(arr, dtype=DATATYPES[datatype]).tobytes()
-            )
+            raw = tensor_to_raw(arr, datatype)
             t["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
@@ -576,7 +683,7 @@ def decode_infer_response(body: bytes, header_length: str | None = None) -> dict
         name, datatype, shape = t["name"], t["datatype"], tuple(t["shape"])
         size = (t.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            arrays[name] = _from_binary(name, datatype, shape, binary[offset : offset + size])
+            arrays[name] = tensor_from_raw(name, datatype, shape, binary[offset : offset + size])
             offset += size
         else:
             arrays[name] = _from_json(name, datatype, shape, t.get("data", []))
