@@ -40,6 +40,7 @@ MAX_BODY = 64 * 1024
 
 def _model() -> PipeModel:
     pipe = ModelPipe(name="asgi")
+
     def matmul(batch: np.ndarray) -> np.ndarray:
         time.sleep(0.005)  # long enough that concurrent requests queue up behind a batch
         return batch @ W
