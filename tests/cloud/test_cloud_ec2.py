@@ -518,7 +518,11 @@ def test_deploy_into_a_subnet_of_another_vpc(
 ) -> None:
     ec2 = aws["ec2"]
     vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
-    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.1.0/24")["Subnet"]["SubnetId"]
+    # a zone that offers the default type (moto picks one at random otherwise, us-east-1e
+    # among them, where g6.xlarge is not sold)
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.1.0/24", AvailabilityZone="us-east-1a")[
+        "Subnet"
+    ]["SubnetId"]
     init = CloudInit(ec2, sshd)
     dep = deploy(
         ServeConfig(key="exp", port=free_port(), killafter=300),
