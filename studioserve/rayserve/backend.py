@@ -24,20 +24,19 @@ SIGTERM, Ctrl-C or ``--killafter`` and returns the exit code. In order:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 from ..config import DEFAULT_MAX_BATCH_SIZE, ServeConfig, is_loopback, resolve_store_url
 from ..errors import ConfigError, StudioServeError
 from ..http.servers import url_for
 from ..runtime.catalog import ModelCatalog
+from ..runtime.server import SignalHandler, stop_on_signals
 from ..serving.repository import ModelRepository
 from ..store import open_store
 from .options import RayOptions
@@ -98,7 +97,7 @@ class RayBackend:
         self._closed = False
         self._last: dict[str, float] = {}
         #: the handler SIGTERM and SIGINT must reach (set by serve_on_ray)
-        self.signal_handler: Callable[[int, FrameType | None], None] | None = None
+        self.signal_handler: SignalHandler | None = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -361,33 +360,12 @@ def _last_error(message: str) -> str:
     return line.replace("studioserve.errors.", "")
 
 
-def _reclaim_signals(handler: Callable[[int, FrameType | None], None]) -> None:
+def _reclaim_signals(handler: SignalHandler) -> None:
     """Put the drain's SIGTERM and SIGINT handler back after ``ray.init``, which installs its
     own (a driver's SIGTERM would otherwise exit at once, or abort in Ray's core worker)."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_stop(backend: RayBackend) -> Iterator[None]:
-    """SIGTERM and SIGINT ask the backend to drain and exit (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        logger.info("received %s; draining and shutting down", signal.Signals(signum).name)
-        backend.request_stop(signal.Signals(signum).name)
-
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    backend.signal_handler = handler
-    try:
-        yield
-    finally:
-        backend.signal_handler = None
-        for sig, old in saved.items():
-            signal.signal(sig, old)
 
 
 def serve_on_ray(
@@ -403,7 +381,8 @@ def serve_on_ray(
         already runs an application of that name.
     """
     backend = RayBackend(config, options)
-    with _signals_stop(backend):
+    with stop_on_signals(backend.request_stop) as handler:
+        backend.signal_handler = handler
         backend.start()
         try:
             if on_ready is not None and not backend.wait(0):

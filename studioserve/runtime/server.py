@@ -313,20 +313,26 @@ class ModelServer:
         self.close()
 
 
+#: what a signal handler installed by :func:`stop_on_signals` is
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
 @contextlib.contextmanager
-def _signals_stop(server: ModelServer) -> Iterator[None]:
-    """SIGTERM and SIGINT ask the server to drain and exit (main thread only)."""
+def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[SignalHandler | None]:
+    """SIGTERM and SIGINT call ``request_stop(signal name)`` (drain and exit) for the block,
+    main thread only; yields the handler (None off the main thread), which a caller whose
+    library replaces the handlers (``ray.init``) installs again."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         logger.info("received %s; draining and shutting down", signal.Signals(signum).name)
-        server.request_stop(signal.Signals(signum).name)
+        request_stop(signal.Signals(signum).name)
 
     saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield handler
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old)
@@ -369,7 +375,7 @@ def serve(
         cannot be bound.
     """
     server = ModelServer(config, http_server=http_server)
-    with _signals_stop(server):
+    with stop_on_signals(server.request_stop):
         server.start()
         try:
             if on_ready is not None and server.http is not None:
