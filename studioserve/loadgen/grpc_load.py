@@ -12,7 +12,6 @@ deadline as a timeout, any other code by its name.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -27,7 +26,7 @@ from ..grpcapi.proto import grpc_service_pb2 as pb
 from ..wire.oip_codec import output_array, tensor_to_raw
 from .config import BenchConfig
 from .target import Target, oip_inputs, tensors_text
-from .worker import Spec, Tally, Worker
+from .worker import Spec, Tally, Worker, run_on_schedule
 
 __all__ = ["INFER", "GrpcWorker", "grpc_target"]
 
@@ -192,8 +191,6 @@ class GrpcWorker(Worker):
 
     async def _open_loop(self, spec: Spec, out: Tally) -> None:
         """Calls started on a fixed schedule; latency counts from the scheduled start."""
-        loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task[None]] = set()
         async with grpc.aio.insecure_channel(self.target.address, options=_OPTIONS) as channel:
             call = channel.unary_unary(self.target.path)
 
@@ -205,19 +202,4 @@ class GrpcWorker(Worker):
                     return
                 out.done(200, time.perf_counter() - intended)
 
-            interval = 1.0 / spec.rate
-            t0 = time.perf_counter()
-            k = 0
-            while (spec.requests is None or k < spec.requests) and (
-                spec.end is None or time.monotonic() < spec.end
-            ):
-                intended = t0 + k * interval
-                now = time.perf_counter()
-                if intended > now:
-                    await asyncio.sleep(intended - now)
-                task = loop.create_task(fire(intended))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                k += 1
-            if tasks:
-                await asyncio.gather(*tasks)
+            await run_on_schedule(spec, fire)

@@ -28,9 +28,9 @@ import ssl
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from multiprocessing.connection import Connection
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from .http11 import AsyncConnection, parse_response
 from .target import Target
@@ -279,28 +279,12 @@ class Worker:
         (up to a bound), else waits for one, its wait counted in its latency."""
         loop = asyncio.get_running_loop()
         conns = _SharedConnections()
-        tasks: set[asyncio.Task[None]] = set()
 
         async def fire(intended: float) -> None:
             conn = await conns.acquire()
             conns.release(await self._one(loop, conn, out, intended))
 
-        interval = 1.0 / spec.rate
-        t0 = time.perf_counter()
-        k = 0
-        while (spec.requests is None or k < spec.requests) and (
-            spec.end is None or time.monotonic() < spec.end
-        ):
-            intended = t0 + k * interval
-            now = time.perf_counter()
-            if intended > now:
-                await asyncio.sleep(intended - now)
-            task = loop.create_task(fire(intended))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            k += 1
-        if tasks:
-            await asyncio.gather(*tasks)
+        await run_on_schedule(spec, fire)
         conns.close()
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> AsyncConnection:
@@ -342,3 +326,26 @@ class Worker:
             conn.close()
             return None
         return conn
+
+
+async def run_on_schedule(spec: Spec, fire: Callable[[float], Coroutine[Any, Any, None]]) -> None:
+    """Start ``fire(intended start)`` at ``spec.rate`` per second until ``spec.requests`` or
+    ``spec.end``, then wait for every call started (the open loop of every protocol)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    interval = 1.0 / spec.rate
+    t0 = time.perf_counter()
+    k = 0
+    while (spec.requests is None or k < spec.requests) and (
+        spec.end is None or time.monotonic() < spec.end
+    ):
+        intended = t0 + k * interval
+        now = time.perf_counter()
+        if intended > now:
+            await asyncio.sleep(intended - now)
+        task = loop.create_task(fire(intended))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        k += 1
+    if tasks:
+        await asyncio.gather(*tasks)
