@@ -25,8 +25,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two pytest-xdist workers (most tests wait on subprocesses, sockets and sshd); the Ray tests
+# share one worker (tests/conftest.py). PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
 pytest: venv
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

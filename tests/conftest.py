@@ -92,3 +92,12 @@ def store_dir(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     path.mkdir()
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n``), the Ray tests share one worker: each starts a local Ray
+    instance on this machine, and ``--ray-address auto`` finds the newest one."""
+    ray_dir = Path(__file__).parent / "rayserve"
+    for item in items:
+        if ray_dir in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -72,7 +72,7 @@ def test_killafter_deletes_the_application_and_stops_the_local_ray(
         _, err = proc.communicate()
     assert "--killafter" in err
     assert "deleted the Ray Serve application" in err
-    wait_for(lambda: not _ray_processes(), 30, f"Ray's daemons to stop: {_ray_processes()}")
+    wait_for(lambda: not _ray_processes(), 60, f"Ray's daemons to stop: {_ray_processes()}")
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0_leaving_nothing(
@@ -100,4 +100,4 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0_leaving_nothing(
     status, _, body = answers[0]
     assert status == 200, body
     np.testing.assert_allclose(pickle.loads(body)["a"], np.full(4, 10000.0))  # noqa: S301
-    wait_for(lambda: not _ray_processes(), 30, f"Ray's daemons to stop: {_ray_processes()}")
+    wait_for(lambda: not _ray_processes(), 60, f"Ray's daemons to stop: {_ray_processes()}")
