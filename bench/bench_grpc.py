@@ -12,9 +12,13 @@ What it does (about 2 x 2 x 3 x (warm-up + duration) seconds per repeat, plus st
    (``POST /v2/models/{name}/infer``, binary tensors, keep-alive HTTP/1.1 connections) and
    over gRPC (``ModelInfer``, raw tensors, one HTTP/2 channel per generator process), one
    after the other, and reads the server's CPU time from /proc around each;
-4. prints each repeat's table (req/s, p50, p99, server CPU per request, and the gRPC/HTTP
-   ratios), the medians over repeats, and the issue's target with PASS/FAIL: at 64 concurrent
-   calls gRPC serves at least as many tiny requests per second as HTTP binary tensors.
+4. drives, the same way, the floor (bench/grpc_floor.py: grpc.aio alone, answering every
+   ModelInfer with fixed bytes, no studioserve request path): what gRPC in Python allows on
+   this machine, next to the tiny rows;
+5. prints each repeat's table (req/s, p50, p99, server CPU per request, the gRPC/HTTP
+   ratios and the floor), the medians over repeats, and the issue's target with PASS/FAIL: at
+   64 concurrent calls gRPC serves at least as many tiny requests per second as HTTP binary
+   tensors (and the floor's own ratio to HTTP, which bounds it).
 
 Usage::
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,11 +111,54 @@ def grpc_address(server: ServerProcess) -> str | None:
     return None
 
 
+class Floor:
+    """bench/grpc_floor.py as a subprocess: its address and the request it is driven with."""
+
+    def __init__(self, tmp: Path, log: Any) -> None:
+        from grpc_floor import tiny_request
+
+        self.body = tmp / "floor-request.bin"
+        self.body.write_bytes(tiny_request())
+        cmd = [sys.executable, str(HERE / "grpc_floor.py")]
+        print(f"# starting the floor: {' '.join(cmd)}", file=log, flush=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, env=python_env(), cwd=REPO
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("floor at "):
+            self.stop()
+            raise RuntimeError(f"bench/grpc_floor.py did not start: {line!r}")
+        self.address = line.split()[-1]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def measure(
-    server: ServerProcess, workload: str, protocol: str, level: int, args: argparse.Namespace
+    server: ServerProcess | Floor,
+    workload: str,
+    protocol: str,
+    level: int,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One point: the load generator at ``level`` concurrent calls, and the server's CPU."""
-    url = grpc_address(server) if protocol == "grpc" else server.url
+    body_file = None
+    if isinstance(server, Floor):
+        url: str | None = server.address
+        body_file = server.body
+    else:
+        url = grpc_address(server) if protocol == "grpc" else server.url
     assert url is not None
     cfg = BenchConfig(
         url=url,
@@ -121,6 +169,7 @@ def measure(
         model=workload,
         binary=True,
         processes=args.processes,
+        body_file=body_file,
     )
     cpu0 = cpu_seconds(server.pid)
     result = run_bench(cfg)
@@ -139,7 +188,7 @@ def measure(
 
 
 def run_repeat(
-    servers: dict[str, ServerProcess], args: argparse.Namespace, log: Any
+    servers: dict[str, ServerProcess], floor: Floor | None, args: argparse.Namespace, log: Any
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for wl, server in servers.items():
@@ -147,6 +196,9 @@ def run_repeat(
             for protocol in PROTOCOLS:
                 print(f"# {wl} {NAMES[protocol]} c={level} ({load_str()})", file=log, flush=True)
                 out[f"{wl}/{protocol}/c{level}"] = measure(server, wl, protocol, level, args)
+            if floor is not None and wl == "tiny":
+                print(f"# floor gRPC c={level} ({load_str()})", file=log, flush=True)
+                out[f"floor/grpc/c{level}"] = measure(floor, wl, "grpc", level, args)
     return out
 
 
@@ -170,6 +222,9 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "gRPC CPU us/req",
         "HTTP gen us/req",
         "gRPC gen us/req",
+        "floor req/s",
+        "floor CPU us/req",
+        "floor/HTTP",
     ]
     blocks = []
     summary: dict[str, dict[str, Any]] = {}
@@ -178,11 +233,17 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
         for wl in args.workloads:
             for level in args.levels:
                 h, g = run[f"{wl}/oip/c{level}"], run[f"{wl}/grpc/c{level}"]
+                f = run.get(f"floor/grpc/c{level}", {}) if wl == "tiny" else {}
                 r = ratio(g["req_s"], h["req_s"])
-                summary.setdefault(f"{wl}/c{level}", {"ratio": [], "http": [], "grpc": []})
-                summary[f"{wl}/c{level}"]["ratio"].append(r)
-                summary[f"{wl}/c{level}"]["http"].append(h["req_s"])
-                summary[f"{wl}/c{level}"]["grpc"].append(g["req_s"])
+                fr = ratio(f["req_s"], h["req_s"]) if f else None
+                point = summary.setdefault(
+                    f"{wl}/c{level}", {"ratio": [], "http": [], "grpc": [], "floor": []}
+                )
+                point["ratio"].append(r)
+                point["http"].append(h["req_s"])
+                point["grpc"].append(g["req_s"])
+                if fr is not None:
+                    point["floor"].append(fr)
                 rows.append(
                     [
                         wl,
@@ -198,6 +259,9 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
                         _cell(g, "cpu_us"),
                         _cell(h, "gen_cpu_us"),
                         _cell(g, "gen_cpu_us"),
+                        _cell(f, "req_s") if f else "-",
+                        _cell(f, "cpu_us") if f else "-",
+                        fmt_num(fr, ".2f") if fr is not None else "-",
                     ]
                 )
         blocks.append(f"repeat {i + 1}:\n" + table(headers, rows))
@@ -208,12 +272,13 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             fmt_num(median(v["http"])),
             fmt_num(median(v["grpc"])),
             fmt_num(median(v["ratio"]), ".2f"),
+            fmt_num(median(v["floor"]), ".2f") if v["floor"] else "-",
         ]
         for key, v in summary.items()
     ]
     blocks.append(
         f"medians over {len(runs)} repeat(s):\n"
-        + table(["workload", "c", "HTTP req/s", "gRPC req/s", "gRPC/HTTP"], med_rows)
+        + table(["workload", "c", "HTTP req/s", "gRPC req/s", "gRPC/HTTP", "floor/HTTP"], med_rows)
     )
     top = max(args.levels)
     key = f"tiny/c{top}"
@@ -224,6 +289,11 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"target: gRPC tiny req/s at c={top} >= HTTP binary tensors': "
             f"{fmt_num(target[0], '.2f')}x  {verdict}"
         )
+        if summary[key]["floor"]:
+            blocks.append(
+                f"floor: grpc.aio alone (fixed answers, no request path) at c={top}: "
+                f"{fmt_num(median(summary[key]['floor']), '.2f')}x HTTP binary tensors"
+            )
     return "\n\n".join(blocks)
 
 
@@ -235,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="tiny,mlp", help="tiny, mlp or both")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--processes", type=int, default=None, help="load generator processes")
+    p.add_argument(
+        "--no-floor", action="store_true", help="skip the grpc.aio floor (bench/grpc_floor.py)"
+    )
     add_server_options(p, serve_arg_example="--max-delay-ms=1")
     add_run_options(p)
     args = p.parse_args(argv)
@@ -243,15 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     log = sys.stderr
     wait_for_quiet(args.max_load, args.max_wait, log)
     servers: dict[str, ServerProcess] = {}
+    floor: Floor | None = None
     with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
         store, _, _ = prepare(Path(tmp), log)
         try:
             for wl in args.workloads:
                 servers[wl] = start_server(wl, store, args, log)
-            runs = [run_repeat(servers, args, log) for _ in range(args.repeat)]
+            if "tiny" in args.workloads and not args.no_floor:
+                floor = Floor(Path(tmp), log)
+            runs = [run_repeat(servers, floor, args, log) for _ in range(args.repeat)]
         finally:
             for server in servers.values():
                 server.stop()
+            if floor is not None:
+                floor.stop()
     print(report(runs, args))
     if args.json is not None:
         args.json.write_text(json.dumps({"runs": runs}, indent=2))

@@ -613,6 +613,8 @@ def _serve_on_cloud(
     click.echo(f"Launching {config.key!r} on {options.cloud}...", err=True)
     dep = deploy(config, modeldir, options, overrides=overrides)
     click.echo(f"Serving experiment {config.key!r} at {dep.url}")
+    if dep.grpc_address is not None:
+        click.echo(f"  gRPC (KServe v2): {dep.grpc_address}")
     gpu = f", GPU: {dep.gpu}" if dep.gpu else ", no GPU"
     click.echo(
         f"  instance: {dep.instance_id} ({dep.instance_type}{gpu}) in {dep.zone or dep.region}"

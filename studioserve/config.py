@@ -17,6 +17,8 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PORT = 5000
+#: the gRPC port where a port must be known ahead (a cloud firewall): Triton's
+DEFAULT_GRPC_PORT = 8001
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_KILLAFTER = 3600.0
 DEFAULT_MAX_BODY = 64 * 1024 * 1024

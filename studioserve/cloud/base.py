@@ -145,6 +145,18 @@ class LaunchSpec:
     lease: float = DEFAULT_SSH_TIMEOUT + DEFAULT_INSTALL_TIMEOUT + DEFAULT_READY_TIMEOUT
     #: seconds the instance may run at all (``--max-lifetime``)
     max_lifetime: float = DEFAULT_MAX_LIFETIME
+    #: the gRPC port (``--grpc-port``), opened beside ``port``; None: no gRPC
+    grpc_port: int | None = None
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """The serving ports the firewall opens (SSH's 22 besides): HTTP, then gRPC."""
+        return (self.port,) if self.grpc_port is None else (self.port, self.grpc_port)
+
+    @property
+    def ports_text(self) -> str:
+        """``5000`` or ``5000 and 8001``: the serving ports, as the logs and plans say them."""
+        return " and ".join(map(str, self.ports))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -463,7 +475,7 @@ class Provider(abc.ABC):
     def open_ports(
         self, spec: LaunchSpec, instance: InstanceInfo, record: Callable[[Resource], None]
     ) -> None:
-        """Allow TCP 22 and ``spec.port`` from ``spec.allow_cidr`` only."""
+        """Allow TCP 22 and ``spec.ports`` from ``spec.allow_cidr`` only."""
 
     @abc.abstractmethod
     def host_keys(self, instance: InstanceInfo, timeout: float) -> list[str]:

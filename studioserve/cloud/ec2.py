@@ -498,7 +498,7 @@ class Ec2Provider(Provider):
             record(Resource("key-pair", name, self._region))
             group = self.ec2.create_security_group(
                 GroupName=name,
-                Description=f"studioserve {spec.deployment_id}: SSH and port {spec.port}",
+                Description=f"studioserve {spec.deployment_id}: SSH and port {spec.ports_text}",
                 VpcId=vpc,
                 TagSpecifications=tags(spec, "security-group"),
             )["GroupId"]
@@ -587,11 +587,11 @@ class Ec2Provider(Provider):
         try:
             self.ec2.authorize_security_group_ingress(
                 GroupId=groups[0]["GroupId"],
-                IpPermissions=ingress_permissions(spec.allow_cidr, spec.port),
+                IpPermissions=ingress_permissions(spec.allow_cidr, spec.port, spec.grpc_port),
             )
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
             raise _cloud_error("opening ports", e) from e
-        logger.info("opened TCP 22 and %d to %s", spec.port, spec.allow_cidr)
+        logger.info("opened TCP 22 and %s to %s", spec.ports_text, spec.allow_cidr)
 
     def _console_output(self, instance_id: str) -> str:
         """The console text, with ``Latest=True`` (the live buffer; Nitro only) until EC2

@@ -400,7 +400,7 @@ def plan_of(
         where = f"the default VPC {vpc} (the first zone that offers it and has capacity)"
     creates = (
         f"key pair {name}: this deployment's public SSH key (deleted after the first login)",
-        f"security group {name} in {vpc}: inbound TCP 22 and TCP {spec.port} from "
+        f"security group {name} in {vpc}: inbound TCP 22 and TCP {spec.ports_text} from "
         f"{spec.allow_cidr} only",
         f"instance {first} ({gpu or 'no GPU'}) from {image} in {where}, with a {disk_gb} GB "
         f"gp3 root volume, IMDSv2 required, tagged {TAG_KEY}={spec.deployment_id}",
@@ -504,8 +504,9 @@ def network_params(group: str, subnet: str | None, *, given_subnet: bool) -> dic
     return network
 
 
-def ingress_permissions(allow_cidr: str, port: int) -> list[Any]:
-    """The security group's inbound rules: TCP 22 and ``port`` from ``allow_cidr`` only."""
+def ingress_permissions(allow_cidr: str, port: int, grpc_port: int | None = None) -> list[Any]:
+    """The security group's inbound rules: TCP 22, ``port`` and ``grpc_port`` (when set)
+    from ``allow_cidr`` only."""
     v6 = ":" in allow_cidr
     ranges_key = "Ipv6Ranges" if v6 else "IpRanges"
     cidr_key = "CidrIpv6" if v6 else "CidrIp"
@@ -516,7 +517,11 @@ def ingress_permissions(allow_cidr: str, port: int) -> list[Any]:
             "ToPort": p,
             ranges_key: [{cidr_key: allow_cidr, "Description": what}],
         }
-        for p, what in ((22, "studioserve ssh"), (port, "studioserve http"))
+        for p, what in (
+            (22, "studioserve ssh"),
+            (port, "studioserve http"),
+            *(((grpc_port, "studioserve grpc"),) if grpc_port is not None else ()),
+        )
     ]
 
 

@@ -355,7 +355,7 @@ class GceProvider(Provider):
             f"{disk_type_for(machine_type)} boot disk (deleted with it), {scheduling}; "
             f"service account: {email}" + (" (compute scope)" if account != "none" else ""),
             f"firewall rule {name} on network {self._options.network}: INGRESS TCP 22 and "
-            f"{spec.port} from {spec.allow_cidr} only, to instances tagged {name}",
+            f"{spec.ports_text} from {spec.allow_cidr} only, to instances tagged {name}",
         ]
         notes: list[str] = []
         if account == "create":
@@ -625,13 +625,15 @@ class GceProvider(Provider):
         network = self._options.network
         rule = compute_v1.Firewall(
             name=name,
-            description=f"studioserve deployment {spec.deployment_id}: SSH and port {spec.port}",
+            description=(
+                f"studioserve deployment {spec.deployment_id}: SSH and port {spec.ports_text}"
+            ),
             network=network if "/" in network else f"global/networks/{network}",
             direction="INGRESS",
             priority=1000,
             source_ranges=[spec.allow_cidr],
             target_tags=[name],
-            allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["22", str(spec.port)])],
+            allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["22", *map(str, spec.ports)])],
         )
         try:
             op = self.firewalls.insert(project=self.project, firewall_resource=rule)
@@ -639,7 +641,9 @@ class GceProvider(Provider):
             self._wait(op, zonal=False)
         except gexc.GoogleAPICallError as e:
             raise _cloud_error("creating the firewall rule", e) from e
-        logger.info("firewall rule %s: TCP 22 and %d from %s", name, spec.port, spec.allow_cidr)
+        logger.info(
+            "firewall rule %s: TCP 22 and %s from %s", name, spec.ports_text, spec.allow_cidr
+        )
 
     def host_keys(self, instance: InstanceInfo, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ..config import DEFAULT_PORT, ServeConfig, config_dir
+from ..config import DEFAULT_GRPC_PORT, DEFAULT_PORT, ServeConfig, config_dir
 from ..errors import CloudError, ConfigError, DeploymentFailed
 from ..store import validate_key
 from .base import (
@@ -110,6 +110,8 @@ class Deployment:
     """A running deployment, as :func:`deploy` returns it (the CLI prints it).
 
     :param url: where to send requests (``http://ADDRESS:PORT``).
+    :param grpc_address: where gRPC clients connect (``ADDRESS:PORT``), None without
+        ``--grpc-port``.
     :param token: the bearer token (only here: it is in no log, file or registry locally).
     :param gpu: the GPUs the instance's driver reported (``"1x NVIDIA L4"``), None for none.
     :param expires_at: when the instance ends at the latest (``--max-lifetime``); it ends
@@ -137,6 +139,7 @@ class Deployment:
     remote_dir: str
     log_path: str
     resources: tuple[Resource, ...]
+    grpc_address: str | None = None
 
 
 # -- the deployment -----------------------------------------------------------------------------
@@ -181,6 +184,16 @@ class Launch:
         self.port = serve_config.port or DEFAULT_PORT
         if self.port == 22:
             raise ConfigError("--port 22 is SSH's port on the instance; pick another --port")
+        # the firewall opens a port known before the server starts: 0 is Triton's 8001 here
+        self.grpc_port = (
+            None if serve_config.grpc_port is None else serve_config.grpc_port or DEFAULT_GRPC_PORT
+        )
+        if self.grpc_port in (22, self.port):
+            raise ConfigError(
+                f"--grpc-port {self.grpc_port} is the instance's "
+                + ("SSH" if self.grpc_port == 22 else "HTTP (--port)")
+                + " port; pick another --grpc-port (Triton uses 8001)"
+            )
         if serve_config.killafter == 0:
             logger.warning(
                 "--killafter 0: the instance ends only at --max-lifetime (%gs) or with "
@@ -229,6 +242,7 @@ class Launch:
             expires_at=self.expires_at,
             lease=self.options.lease,
             max_lifetime=self.options.max_lifetime,
+            grpc_port=self.grpc_port,
         )
 
     def requirements(self, wheel: str = "studioserve") -> tuple[str, ...]:
@@ -236,7 +250,8 @@ class Launch:
         if self.overrides.remote_requirements is not None:
             return self.overrides.remote_requirements
         gpu = self.provider.gpu() is not None
-        return tuple(requirements_for(self.families, gpu=gpu, wheel=wheel))
+        extras = ("grpc",) if self.grpc_port is not None else ()
+        return tuple(requirements_for(self.families, gpu=gpu, wheel=wheel, extras=extras))
 
     def plan(self) -> DeploymentPlan:
         """What :meth:`run` would create, what it costs and how it ends; creates nothing."""
@@ -244,6 +259,7 @@ class Launch:
             plan=self.provider.plan(self._spec("ssh-ed25519 <generated at launch>")),
             experiment=self.config.key,
             port=self.port,
+            grpc_port=self.grpc_port,
             allow_cidr=self.allow_cidr,
             frameworks=self.families,
             requirements=self.requirements(),
@@ -449,6 +465,7 @@ class Launch:
                 self.config,
                 remote_dir=remote_dir,
                 port=self.port,
+                grpc_port=self.grpc_port,
                 wrapper_arg=wrapper_arg,
                 bind_host=self.overrides.remote_bind_host,
             ),
@@ -534,7 +551,7 @@ class Launch:
         while True:
             status, detail = http_status(self.url + "/readyz")
             if status == 200:
-                return
+                break
             if time.monotonic() > deadline:
                 raise CloudError(
                     f"the server is ready on the instance, but {self.url}/readyz does not "
@@ -544,6 +561,26 @@ class Launch:
                     f"(port 22) works; try another --port (443 is often open), or "
                     "--allow-cidr with your network's range"
                 )
+            time.sleep(1.0)
+        if self.grpc_port is not None:
+            self._wait_grpc_port(deadline)
+
+    def _wait_grpc_port(self, deadline: float) -> None:
+        """A TCP connection from here to ``--grpc-port`` (the server listens there once
+        ready): one that cannot be made names the port."""
+        host = self._host()
+        while True:
+            try:
+                with socket.create_connection((host, self.grpc_port), timeout=3.0):
+                    return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise CloudError(
+                        f"the server answers on {self.url}, but its gRPC port "
+                        f"{http_host(host)}:{self.grpc_port} cannot be reached from here ({e}): "
+                        "something between this machine and the instance blocks TCP port "
+                        f"{self.grpc_port}; try another --grpc-port"
+                    ) from None
             time.sleep(1.0)
 
     def _wait_ready_on_instance(self) -> None:
@@ -635,6 +672,9 @@ class Launch:
             remote_dir=self.remote_dir,
             log_path=f"{self.remote_dir}/serve.log",
             resources=tuple(r for r in self.resources if r.kind != "local-key"),
+            grpc_address=(
+                None if self.grpc_port is None else f"{http_host(self._host())}:{self.grpc_port}"
+            ),
         )
 
     # -- the one rollback ---------------------------------------------------------------------

@@ -50,7 +50,13 @@ def model_families(modeldir: Path, framework: str | None = None) -> tuple[str, .
 
 
 def serve_args(
-    config: ServeConfig, *, remote_dir: str, port: int, wrapper_arg: str | None, bind_host: str
+    config: ServeConfig,
+    *,
+    remote_dir: str,
+    port: int,
+    wrapper_arg: str | None,
+    bind_host: str,
+    grpc_port: int | None = None,
 ) -> list[str]:
     """The remote ``studio serve`` command line (the token is a 0600 file, not an argument)."""
     defaults = ServeConfig(key=config.key)
@@ -74,6 +80,8 @@ def serve_args(
         f"{config.max_delay_ms:g}",
         "--quiet",
     ]
+    if grpc_port is not None:
+        args += ["--grpc-port", str(grpc_port)]
     if wrapper_arg:
         args += ["--wrapper", wrapper_arg]
     if config.max_body != defaults.max_body:

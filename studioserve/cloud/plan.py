@@ -17,6 +17,8 @@ class DeploymentPlan:
     experiment: str
     port: int
     allow_cidr: str
+    #: the gRPC port (``--grpc-port``), None for none
+    grpc_port: int | None = None
     frameworks: tuple[str, ...]
     requirements: tuple[str, ...]
     killafter: float
@@ -39,8 +41,9 @@ class DeploymentPlan:
             f"  image: {p.image}",
             "  creates:",
             *[f"    - {line}" for line in p.creates],
-            f"  reachable only from {self.allow_cidr} (TCP 22 and {self.port}); requests need "
-            "the bearer token it prints",
+            f"  reachable only from {self.allow_cidr} (TCP 22 and {self.port}"
+            + (f", gRPC on {self.grpc_port}" if self.grpc_port is not None else "")
+            + "); requests need the bearer token it prints",
             "  installs: the studioserve wheel"
             + (f", {', '.join(self.requirements)}" if self.requirements else "")
             + (f" (model: {', '.join(self.frameworks)})" if self.frameworks else ""),

@@ -190,15 +190,18 @@ FRAMEWORK_MODULES = {
 }
 
 
-def requirements_for(families: Iterable[str], *, gpu: bool, wheel: str) -> list[str]:
+def requirements_for(
+    families: Iterable[str], *, gpu: bool, wheel: str, extras: Iterable[str] = ()
+) -> list[str]:
     """The pip requirements that give the remote virtualenv the model's frameworks.
 
     TensorFlow comes as ``tensorflow[and-cuda]`` on a GPU instance and ``tensorflow-cpu``
     otherwise; ONNX Runtime as ``onnxruntime-gpu`` on a GPU instance; the others as the
-    studioserve extra of the same name (``WHEEL[torch]``).
+    studioserve extra of the same name (``WHEEL[torch]``), with ``extras`` (``grpc`` for
+    ``--grpc-port``).
     """
     reqs: list[str] = []
-    extras: list[str] = []
+    extras = list(extras)
     for family in sorted(set(families)):
         if family == "tensorflow":
             reqs += ["tensorflow[and-cuda]>=2.16" if gpu else "tensorflow-cpu>=2.16", "keras>=3"]

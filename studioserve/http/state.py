@@ -108,6 +108,8 @@ class AppState:
         self.started = time.time()
         #: when the inactivity timer fires (``time.monotonic()``); set by the runtime
         self.shutdown_at: Callable[[], float | None] = lambda: None
+        #: where the same app's gRPC server listens (``host:port``); set by the runtime
+        self.grpc_address: str | None = None
         self.telemetry = Telemetry(
             service,
             experiment=info.experiment,

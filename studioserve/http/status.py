@@ -14,7 +14,8 @@ fragment ``#token=...`` (browsers never send fragments to the server), is kept i
 ``Authorization: Bearer``.
 
 The JSON has ``model`` (kind, source, inputs, outputs, load_seconds), ``ready``,
-``uptime_seconds``, ``in_flight``, ``requests_accepted``, ``shutdown_in_seconds``, the
+``uptime_seconds``, ``in_flight``, ``requests_accepted``, ``shutdown_in_seconds``,
+``endpoints`` (``metrics``, ``oip``, and ``grpc``: the gRPC address with ``--grpc-port``), the
 server's facts (:class:`~studioserve.http.state.ServerInfo`: ``experiment``, ``batching``,
 ...), ``pipe`` (per-stage counters, when the model has a pipe) and ``live`` (per-second series
 of the last minute, see :meth:`studioserve.telemetry.LiveSeries.snapshot`).
@@ -147,6 +148,8 @@ def status_info(state: AppState) -> dict[str, Any]:
             "metrics": "/metrics" in {r.rule for r in current_app.url_map.iter_rules()},
             "oip": "oip" in current_app.blueprints,
         }
+    if state.grpc_address is not None:
+        info.setdefault("endpoints", {})["grpc"] = state.grpc_address
     return info
 
 
@@ -270,6 +273,11 @@ def _page(info: dict[str, Any]) -> str:
             f"(<a href='v2/models/{_e(experiment)}'>metadata</a>, "
             f"<a href='v2/models/{_e(experiment)}/config'>config</a>, "
             f"<a href='v2/models/{_e(experiment)}/stats'>stats</a>)</li>"
+        )
+    if endpoints.get("grpc"):
+        links.append(
+            f"<li><code>{_e(endpoints['grpc'])}</code> gRPC (KServe v2): "
+            "<code>inference.GRPCInferenceService/ModelInfer</code>, tritonclient.grpc</li>"
         )
     if endpoints.get("metrics"):
         links.append("<li><a href='metrics'><code>GET /metrics</code></a> Prometheus</li>")

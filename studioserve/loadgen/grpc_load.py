@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from ..config import DEFAULT_GRPC_PORT
 from ..errors import ClientError, ConfigError
 from ..grpcapi.proto import grpc_service_pb2 as pb
 from ..wire.oip_codec import output_array, tensor_to_raw
@@ -34,7 +35,7 @@ _SERVICE: Final = "/inference.GRPCInferenceService/"
 #: the path of the inference call
 INFER: Final = _SERVICE + "ModelInfer"
 #: Triton's (and KServe's) usual gRPC port, when the address names none
-DEFAULT_PORT: Final = 8001
+DEFAULT_PORT: Final = DEFAULT_GRPC_PORT
 _OPTIONS: Final = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 #: the HTTP status a failed call counts under, by gRPC code

@@ -167,6 +167,7 @@ class ModelServer:
                 self.grpc = grpc_server(
                     state_of(self.app), cfg.host, cfg.grpc_port, threads=self.threads
                 ).start()
+                state_of(self.app).grpc_address = self.grpc.address
             self.service.ready = True
             if cfg.watch is not None:
                 catalog.watch(cfg.watch)

@@ -219,6 +219,27 @@ def post_json(url: str, payload: dict[str, Any], token: str | None) -> tuple[int
         return e.code, json.loads(e.read() or b"null")
 
 
+def assert_grpc_answers(address: str, token: str) -> None:
+    """The deployment's gRPC port serves KServe v2 (tritonclient.grpc): ready without a token,
+    the repository index with it only."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        index = client.get_model_repository_index(
+            headers={"authorization": f"Bearer {token}"}, as_json=True
+        )
+        assert index["models"], index
+        with pytest.raises(InferenceServerException) as refused:
+            client.get_model_repository_index()
+        assert "UNAUTHENTICATED" in str(refused.value.status())
+    finally:
+        client.close()
+
+
 def files_under(root: Path, skip: Iterable[str] = ()) -> list[Path]:
     skipped = set(skip)
     return [

@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from tests.cloud.ec2_faults import (
 )
 from tests.cloud.helpers import (
     Sshd,
+    assert_grpc_answers,
     assert_no_secrets,
     files_under,
     free_port,
@@ -202,9 +204,11 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     caplog.set_level(logging.DEBUG, logger="studioserve")
     ec2 = aws["ec2"]
     init = CloudInit(ec2, sshd)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     opts = options(sshd, tmp_path)
-    config = ServeConfig(key="exp-1", port=port, killafter=300, max_batch_size=16)
+    config = ServeConfig(
+        key="exp-1", port=port, killafter=300, max_batch_size=16, grpc_port=grpc_port
+    )
     dep = deploy(config, modeldir, opts, overrides=overrides(aws, sshd, tmp_path, hooks=(init,)))
     snap = init.snapshot
 
@@ -223,15 +227,13 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     assert volume["Size"] == 100  # --disk-gb's default; the image's snapshot is 15 GB
     assert {t["Key"]: t["Value"] for t in volume["Tags"]}["studioserve"] == dep.id
 
-    # the security group: exactly SSH and the serving port, from allow_cidr only
+    # the security group: exactly SSH and the serving ports (HTTP, gRPC), from allow_cidr only
     [group] = snap["groups"]
     rules = sorted(
         (p["IpProtocol"], p["FromPort"], p["ToPort"], tuple(r["CidrIp"] for r in p["IpRanges"]))
         for p in group["IpPermissions"]
     )
-    assert rules == sorted(
-        [("tcp", 22, 22, ("198.51.100.7/32",)), ("tcp", port, port, ("198.51.100.7/32",))]
-    )
+    assert rules == sorted(("tcp", p, p, ("198.51.100.7/32",)) for p in (22, port, grpc_port))
     assert not any(p.get("Ipv6Ranges") for p in group["IpPermissions"])
 
     # the key pair held this deployment's public key, and was deleted after the first login
@@ -262,6 +264,10 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     assert post_json(dep.url, {"a": [1.0, 2.0]}, dep.token) == (200, {"a": [1.0, 2.0]})
     assert post_json(dep.url, {"a": [1.0]}, None)[0] == 401
     assert post_json(dep.url, {"a": [1.0]}, "wrong")[0] == 401
+
+    # and over gRPC (--grpc-port), with the same token
+    assert dep.grpc_address == f"127.0.0.1:{grpc_port}"
+    assert_grpc_answers(dep.grpc_address, dep.token)
 
     # what was sent: no token, private key or AWS secret in user data, EC2 state, uploads, logs
     remote = tmp_path / "remote"
@@ -294,6 +300,7 @@ def test_deploy_creates_exactly_what_it_should_and_stop_removes_it(
     assert "--token-file" in run_sh
     assert "--killafter 300 " in run_sh
     assert "--max-batch-size 16 " in run_sh
+    assert re.search(rf"--grpc-port {grpc_port}\b", run_sh)
 
     # stop: everything goes, including the local key
     lines = stop_instances([dep.id])

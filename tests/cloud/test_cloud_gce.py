@@ -587,10 +587,10 @@ def test_deploy_then_killafter_ends_it_and_nothing_is_left(
     caplog.set_level(logging.DEBUG, logger="studioserve")
     gce.host_keys = [sshd.host_key]  # published as guest attributes: nothing pinned by hand
     agent = GuestAgent(gce, sshd)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     opts = options(sshd, tmp_path, max_lifetime=7200)
     dep = deploy(
-        ServeConfig(key="exp", port=port, killafter=6),
+        ServeConfig(key="exp", port=port, killafter=6, grpc_port=grpc_port),
         modeldir,
         opts,
         overrides=overrides(gce, sshd, tmp_path, hooks=(agent,)),
@@ -638,7 +638,9 @@ def test_deploy_then_killafter_ends_it_and_nothing_is_left(
     assert rule["direction"] == "INGRESS"
     assert rule["sourceRanges"] == ["198.51.100.7/32"]
     assert rule["targetTags"] == [name]
-    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": ["22", str(port)]}]
+    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": ["22", str(port), str(grpc_port)]}]
+    assert dep.grpc_address == f"127.0.0.1:{grpc_port}"
+
     assert rule["network"] == "global/networks/default"
     assert dep.zone == ZONE
     assert dep.project == PROJECT

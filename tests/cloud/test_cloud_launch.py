@@ -32,6 +32,7 @@ from studioserve.cloud import (
 from studioserve.cloud.ec2 import Ec2Provider
 from studioserve.cloud.registry import Registry
 from studioserve.config import ServeConfig, config_dir
+from studioserve.errors import ConfigError
 from tests.cloud.ec2_faults import AMI_PARAMETER, leftovers, reset_account
 from tests.cloud.helpers import (
     Sshd,
@@ -313,6 +314,26 @@ def test_a_dry_run_prints_the_plan_and_creates_nothing(ec2: Any, modeldir: Path)
     assert leftovers(ec2) == {}
     assert Registry().load() == []
     assert not (config_dir() / "keys").exists() or not list((config_dir() / "keys").iterdir())
+
+
+def test_a_grpc_port_is_opened_installed_and_checked(ec2: Any, modeldir: Path) -> None:
+    options = CloudOptions(
+        cloud="ec2", gpus=1, image="ssm:" + AMI_PARAMETER, allow_cidr="203.0.113.7/32"
+    )
+    ov = Overrides(endpoint_url=ec2.meta.endpoint_url)
+    serve = ServeConfig(key="exp", port=5000, killafter=600, grpc_port=0)
+    plan = plan_deployment(serve, modeldir, options, overrides=ov)
+    text = "\n".join(plan.lines())
+    # 0 ("any free port") is Triton's 8001 on an instance: the firewall needs it ahead
+    assert "inbound TCP 22 and TCP 5000 and 8001 from 203.0.113.7/32" in text
+    assert "(TCP 22 and 5000, gRPC on 8001)" in text
+    assert "studioserve[grpc]" in plan.requirements
+    for clash in (22, 5000):
+        with pytest.raises(ConfigError, match=f"--grpc-port {clash} is the instance's"):
+            plan_deployment(
+                ServeConfig(key="exp", port=5000, grpc_port=clash), modeldir, options, overrides=ov
+            )
+    assert leftovers(ec2) == {}
 
 
 def test_the_cli_dry_run_creates_nothing(ec2: Any, modeldir: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ limit, deadlines, batching with HTTP and pickle requests, the drain, metrics and
 
 from __future__ import annotations
 
+import json
 import pickle
 import socket
 import sys
@@ -265,6 +266,24 @@ def test_grpc_requests_count_as_activity_and_in_metrics(tiny: ModelServer, stub:
     _error(stub.ModelInfer, _raw_request("ghost", _x(1)))
     status, _, body = raw_post(tiny.url, None, path="/metrics", method="GET")
     assert 'studioserve_requests_total{route="grpc",status="404"}' in body.decode()
+
+
+def test_the_status_page_names_the_grpc_address_and_counts_its_calls(
+    tiny: ModelServer, stub: Any
+) -> None:
+    def status() -> dict[str, Any]:
+        code, _, body = raw_post(tiny.url, None, {"Accept": "application/json"}, method="GET")
+        assert code == 200
+        info: dict[str, Any] = json.loads(body)
+        return info
+
+    before = status()
+    assert before["endpoints"]["grpc"] == tiny.grpc_address
+    stub.ModelInfer(_raw_request("tiny", _x(2)))
+    assert status()["requests_accepted"] == before["requests_accepted"] + 1
+    code, _, page = raw_post(tiny.url, None, {"Accept": "text/html"}, method="GET")
+    assert code == 200
+    assert f"<code>{tiny.grpc_address}</code> gRPC (KServe v2)" in page.decode()
 
 
 # -- lifecycle ----------------------------------------------------------------------------------
