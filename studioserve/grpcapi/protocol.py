@@ -31,7 +31,14 @@ from ..wire.oip_codec import InferRequest, bad_request
 from .codec import decode_infer, encode_infer
 from .proto import grpc_service_pb2 as pb
 
-__all__ = ["GRPC_CODES", "GrpcProtocol", "GrpcRequest", "grpc_code", "retry_trailers"]
+__all__ = [
+    "GRPC_CODES",
+    "GrpcProtocol",
+    "GrpcRequest",
+    "grpc_code",
+    "length_field",
+    "retry_trailers",
+]
 
 #: the gRPC status for each HTTP status an error carries (others: 4xx INVALID_ARGUMENT,
 #: 5xx INTERNAL)
@@ -79,7 +86,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
+def length_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
@@ -87,10 +94,15 @@ def _field(number: int, payload: bytes) -> bytes:
 def _status_with_retry(code: grpc.StatusCode, message: str, seconds: int) -> bytes:
     """A serialized google.rpc.Status (code 1, message 2, details 3) whose one detail is a
     google.rpc.RetryInfo (retry_delay 1): what clients of the rich error model read."""
-    retry_info = _field(1, duration_pb2.Duration(seconds=seconds).SerializeToString())
+    retry_info = length_field(1, duration_pb2.Duration(seconds=seconds).SerializeToString())
     detail = any_pb2.Any(type_url=_RETRY_INFO, value=retry_info).SerializeToString()
     number = code.value[0]
-    return _varint(1 << 3) + _varint(number) + _field(2, message.encode()) + _field(3, detail)
+    return (
+        _varint(1 << 3)
+        + _varint(number)
+        + length_field(2, message.encode())
+        + length_field(3, detail)
+    )
 
 
 def retry_trailers(reply: Reply, code: grpc.StatusCode, message: str) -> list[tuple[str, Any]]:

@@ -5,11 +5,13 @@ Calls (the ``inference`` package of :mod:`studioserve.grpcapi.proto`)::
     ServerLive, ServerReady                     the probes (no token needed)
     ModelReady, ServerMetadata, ModelMetadata   health and metadata
     ModelInfer                                  inference, through the one request path
+    ModelStreamInfer                            Triton's streaming inference: the same, per
+                                                message of a bidirectional stream
     ModelConfig, ModelStatistics                Triton's configuration and statistics
     RepositoryIndex, RepositoryModelLoad,       Triton's model repository extension
     RepositoryModelUnload
 
-Any other call of the service (streaming, shared memory, trace and log settings) is answered
+Any other call of the service (shared memory, trace and log settings) is answered
 UNIMPLEMENTED by gRPC itself. Like the HTTP views these adapt and delegate: ``ModelInfer``
 hands its bytes to :class:`~studioserve.serving.inference.RequestHandler` with
 :class:`~.protocol.GrpcProtocol` (registered without a deserializer, so the message is parsed
@@ -17,16 +19,25 @@ once, by the protocol, and the answer is sent as the bytes it encodes); the docu
 from :mod:`.documents`. When auth is on, every call but the probes needs ``authorization:
 Bearer <token>`` in its metadata (UNAUTHENTICATED otherwise, before anything else is done).
 Errors of every call map through one table (:func:`~.protocol.grpc_code`).
+
+``ModelStreamInfer`` answers each request message of the stream with one
+``ModelStreamInferResponse``, in the order they complete (match them by ``id``), as Triton
+does: the same request path as ``ModelInfer``, and a request's failure is that answer's
+``error_message`` (its ``infer_response`` keeps the request's model, version and id) while
+the stream goes on. At most :data:`STREAM_WINDOW` requests of one stream are answered at
+once; the next message is read when one of them is answered, so a client that sends faster
+than the model answers is held back by HTTP/2's flow control, not queued here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..errors import ModelNotFound, StudioServeError
 from ..http.state import AppState
@@ -34,9 +45,9 @@ from ..serving.inference import Reply, RequestHandler
 from ..serving.repository import READY
 from . import documents
 from .proto import grpc_service_pb2 as pb
-from .protocol import GrpcProtocol, GrpcRequest, grpc_code, retry_trailers
+from .protocol import GrpcProtocol, GrpcRequest, grpc_code, length_field, retry_trailers
 
-__all__ = ["SERVICE", "InferenceService"]
+__all__ = ["SERVICE", "STREAM_WINDOW", "InferenceService"]
 
 #: the full name of the service, as in every call's path
 SERVICE: Final = "inference.GRPCInferenceService"
@@ -44,6 +55,9 @@ SERVICE: Final = "inference.GRPCInferenceService"
 _UNAUTHENTICATED: Final = (
     "missing or wrong bearer token: send the metadata 'authorization: Bearer <token>'"
 )
+#: the most requests of one ModelStreamInfer stream answered at once
+STREAM_WINDOW: Final = 64
+
 #: the HTTP statuses the repository calls keep (the others are a bad request, as over HTTP)
 _CONTROL_STATUSES: Final = (400, 404, 409, 503)
 
@@ -97,6 +111,7 @@ class InferenceService:
             "RepositoryModelUnload": typed(self.repository_unload, pb.RepositoryModelUnloadRequest),
             # bytes in, bytes out: the protocol parses and encodes
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
@@ -137,6 +152,43 @@ class InferenceService:
         if reply.status != 200:
             await self._abort(context, reply)
         return reply.body
+
+    async def model_stream_infer(self, requests: AsyncIterator[bytes], context: _Context) -> None:
+        """Answer every request message of the stream (see the module docstring)."""
+        await self._check_token(context)
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(raw: bytes) -> None:
+            try:
+                reply = await self.handler.handle_async(
+                    GrpcRequest(len(raw), functools.partial(_same, raw), raw=raw)
+                )
+                answers.put_nowait(_stream_answer(reply, raw))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for raw in requests:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(raw))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                while pending:
+                    await asyncio.wait(list(pending))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (message := await answers.get()) is not None:
+                await context.write(message)
+            await reader  # the client's end of the stream, or its error
+        finally:
+            for task in (reader, *pending):
+                task.cancel()
 
     # -- health and metadata --------------------------------------------------------------------
 
@@ -226,6 +278,25 @@ class InferenceService:
 
 def _same(raw: bytes) -> bytes:
     return raw
+
+
+def _stream_answer(reply: Reply, raw: bytes) -> bytes:
+    """A serialized ModelStreamInferResponse for one request of a stream: its answer, or
+    its error with the request's model, version and id (when the message parses)."""
+    if reply.status == 200:
+        return length_field(2, reply.body)  # ModelStreamInferResponse.infer_response
+    request = pb.ModelInferRequest()
+    try:
+        request.ParseFromString(raw)
+    except DecodeError:
+        request.Clear()
+    about = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    data: bytes = pb.ModelStreamInferResponse(
+        error_message=reply.body.decode("utf-8", "replace"), infer_response=about
+    ).SerializeToString()
+    return data
 
 
 def _serialize(message: Any) -> bytes:

@@ -24,6 +24,7 @@ SIGTERM, Ctrl-C or ``--killafter`` and returns the exit code. In order:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import secrets
@@ -325,7 +326,9 @@ class RayBackend:
         if self._started_ray or self._joined_ray:
             import ray
 
-            ray.shutdown()  # a local instance stops; a joined cluster is only left
+            # a local instance stops (its daemons gone before the command ends); a joined
+            # cluster is only left
+            _shutdown_ray(ray, wait=self._started_ray)
         logger.info("Ray backend stopped (%s)", self.stop_reason or "closed")
 
     def __enter__(self) -> RayBackend:
@@ -391,3 +394,13 @@ def serve_on_ray(
         finally:
             backend.close()
     return 0
+
+
+def _shutdown_ray(ray: Any, *, wait: bool) -> None:
+    """``ray.shutdown()``; with ``wait``, until the daemons it started have exited (Ray
+    2.5x and later can wait; otherwise a busy machine may keep Ray's GCS, which runs niced,
+    for a minute after the command has ended)."""
+    if wait and "wait_for_processes" in inspect.signature(ray.shutdown).parameters:
+        ray.shutdown(wait_for_processes=True)
+    else:
+        ray.shutdown()
