@@ -24,9 +24,10 @@ Errors of every call map through one table (:func:`~.protocol.grpc_code`).
 ``ModelStreamInferResponse``, in the order they complete (match them by ``id``), as Triton
 does: the same request path as ``ModelInfer``, and a request's failure is that answer's
 ``error_message`` (its ``infer_response`` keeps the request's model, version and id) while
-the stream goes on. At most :data:`STREAM_WINDOW` requests of one stream are answered at
-once; the next message is read when one of them is answered, so a client that sends faster
-than the model answers is held back by HTTP/2's flow control, not queued here.
+the stream goes on. At most :data:`STREAM_WINDOW` requests of one stream are in flight or
+answered but not yet written; the next message is read when an answer has been written, so a
+client that sends faster than the model answers, or reads no answers, is held back by HTTP/2's
+flow control, not queued here.
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ class InferenceService:
                 reply = await self.handler.handle_async(
                     GrpcRequest(len(raw), functools.partial(_same, raw), raw=raw)
                 )
-                answers.put_nowait(_stream_answer(reply, raw))
-            finally:
+            except BaseException:
                 window.release()
+                raise
+            answers.put_nowait(_stream_answer(reply, raw))  # its slot is freed once written
 
         async def read() -> None:
             try:
@@ -184,7 +186,8 @@ class InferenceService:
         reader = asyncio.create_task(read())
         try:
             while (message := await answers.get()) is not None:
-                await context.write(message)
+                await context.write(message)  # waits while the client reads no answers
+                window.release()
             await reader  # the client's end of the stream, or its error
         finally:
             for task in (reader, *pending):

@@ -150,3 +150,26 @@ def test_one_stream_has_at_most_its_window_in_flight(
     assert len(answers) == count
     assert all(a.error_message == "" for a in answers)
     assert {a.infer_response.id for a in answers} == {f"m{i}" for i in range(count)}
+
+
+def test_a_client_that_reads_no_answers_holds_its_stream_back(repository: ModelServer) -> None:
+    """Answers not yet written count against the window: a stream whose client stops
+    reading stops being read, instead of its answers piling up in the server."""
+    service = repository.service
+    assert service is not None
+    assert repository.grpc_address is not None
+    count, big = 300, np.ones((1, 64 * 1024), np.float32)  # 256 KiB each way (identity)
+    accepted = service.activity.accepted
+
+    def messages() -> Iterator[bytes]:
+        for i in range(count):
+            yield _request("alpha", big, f"m{i}")
+
+    with grpc.insecure_channel(repository.grpc_address) as channel:
+        answers = channel.stream_stream(STREAM)(messages(), timeout=120)
+        time.sleep(3.0)  # nothing read meanwhile
+        held = service.activity.accepted - accepted
+        assert 0 < held <= STREAM_WINDOW + 32, held  # + what HTTP/2 windows carry
+        got = [pb.ModelStreamInferResponse.FromString(m) for m in answers]
+    assert len(got) == count
+    assert all(a.error_message == "" for a in got)
