@@ -94,10 +94,12 @@ def store_dir(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``-n``), the Ray tests share one worker: each starts a local Ray
-    instance on this machine, and ``--ray-address auto`` finds the newest one."""
+    """The Ray tests are marked ``ray``: ``make test`` runs them on their own after the
+    others (each starts a local Ray instance, whose daemons run niced and, beside a second
+    busy pytest-xdist worker, took over a minute to exit)."""
     ray_dir = Path(__file__).parent / "rayserve"
     for item in items:
         if ray_dir in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.ray)
