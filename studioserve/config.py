@@ -80,6 +80,12 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else config_dir() / "cache"
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL or a gRPC target writes it (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{shown}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     """True for hosts that only this machine can reach."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ..config import DEFAULT_GRPC_PORT, DEFAULT_PORT, ServeConfig, config_dir
+from ..config import DEFAULT_GRPC_PORT, DEFAULT_PORT, ServeConfig, config_dir, host_port
 from ..errors import CloudError, ConfigError, DeploymentFailed
 from ..store import validate_key
 from .base import (
@@ -563,23 +563,23 @@ class Launch:
                 )
             time.sleep(1.0)
         if self.grpc_port is not None:
-            self._wait_grpc_port(deadline)
+            self._wait_grpc_port(self.grpc_port, deadline)
 
-    def _wait_grpc_port(self, deadline: float) -> None:
+    def _wait_grpc_port(self, port: int, deadline: float) -> None:
         """A TCP connection from here to ``--grpc-port`` (the server listens there once
         ready): one that cannot be made names the port."""
         host = self._host()
         while True:
             try:
-                with socket.create_connection((host, self.grpc_port), timeout=3.0):
+                with socket.create_connection((host, port), timeout=3.0):
                     return
             except OSError as e:
                 if time.monotonic() > deadline:
                     raise CloudError(
                         f"the server answers on {self.url}, but its gRPC port "
-                        f"{http_host(host)}:{self.grpc_port} cannot be reached from here ({e}): "
+                        f"{host_port(host, port)} cannot be reached from here ({e}): "
                         "something between this machine and the instance blocks TCP port "
-                        f"{self.grpc_port}; try another --grpc-port"
+                        f"{port}; try another --grpc-port"
                     ) from None
             time.sleep(1.0)
 
@@ -673,7 +673,7 @@ class Launch:
             log_path=f"{self.remote_dir}/serve.log",
             resources=tuple(r for r in self.resources if r.kind != "local-key"),
             grpc_address=(
-                None if self.grpc_port is None else f"{http_host(self._host())}:{self.grpc_port}"
+                None if self.grpc_port is None else host_port(self._host(), self.grpc_port)
             ),
         )
 

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from grpc import aio
 
+from ..config import host_port
 from ..errors import ConfigError
 from ..http.bridge import thread_pool
 from ..http.servers import new_event_loop
@@ -41,7 +42,7 @@ START_TIMEOUT: Final = 30.0
 
 def grpc_address(host: str, port: int) -> str:
     """``host:port`` as gRPC writes a target (IPv6 addresses in brackets)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    return host_port(host, port)
 
 
 class GrpcServer:

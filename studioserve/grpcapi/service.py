@@ -43,7 +43,7 @@ from google.protobuf.message import DecodeError
 from ..errors import ModelNotFound, StudioServeError
 from ..http.state import AppState
 from ..serving.inference import Reply, RequestHandler
-from ..serving.repository import READY
+from ..serving.repository import READY, ServedModel, ServedVersion
 from . import documents
 from .proto import grpc_service_pb2 as pb
 from .protocol import GrpcProtocol, GrpcRequest, grpc_code, length_field, retry_trailers
@@ -213,23 +213,23 @@ class InferenceService:
         await self._check_token(context)
         return documents.server_metadata()
 
-    async def model_metadata(self, request: Any, context: _Context) -> pb.ModelMetadataResponse:
-        await self._check_token(context)
+    async def _model(self, request: Any, context: _Context) -> tuple[ServedModel, ServedVersion]:
+        """The model ``request.name`` and its version ``request.version`` (empty: the one
+        served by default); NOT_FOUND ends the call otherwise."""
         try:
             entry = self.repository.get(request.name)
             served = self.repository.resolve(request.name, request.version or None)
         except ModelNotFound as e:
             await self._fail(context, e)
-        return documents.model_metadata(entry, served)
+        return entry, served
+
+    async def model_metadata(self, request: Any, context: _Context) -> pb.ModelMetadataResponse:
+        await self._check_token(context)
+        return documents.model_metadata(*await self._model(request, context))
 
     async def model_config(self, request: Any, context: _Context) -> pb.ModelConfigResponse:
         await self._check_token(context)
-        try:
-            entry = self.repository.get(request.name)
-            served = self.repository.resolve(request.name, request.version or None)
-        except ModelNotFound as e:
-            await self._fail(context, e)
-        return documents.model_config(entry, served)
+        return documents.model_config(*await self._model(request, context))
 
     async def model_statistics(self, request: Any, context: _Context) -> pb.ModelStatisticsResponse:
         await self._check_token(context)
@@ -237,11 +237,7 @@ class InferenceService:
         if not request.name:
             versions = [v for m in repository.models() for v in m.versions.values()]
         else:
-            try:
-                entry = repository.get(request.name)
-                served = repository.resolve(request.name, request.version or None)
-            except ModelNotFound as e:
-                await self._fail(context, e)
+            entry, served = await self._model(request, context)
             versions = [served] if request.version else list(entry.versions.values())
         telemetry = self.state.telemetry
         return documents.model_statistics([telemetry.statistics(v).json(v.name) for v in versions])

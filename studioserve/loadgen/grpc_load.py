@@ -12,8 +12,8 @@ deadline as a timeout, any other code by its name.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -21,13 +21,13 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from ..config import DEFAULT_GRPC_PORT
+from ..config import DEFAULT_GRPC_PORT, host_port
 from ..errors import ClientError, ConfigError
 from ..grpcapi.proto import grpc_service_pb2 as pb
 from ..wire.oip_codec import output_array, tensor_to_raw
 from .config import BenchConfig
 from .target import Target, oip_inputs, tensors_text
-from .worker import Spec, Tally, Worker, run_on_schedule
+from .worker import Spec, Tally, Worker, run_on_schedule, run_per_connection
 
 __all__ = ["INFER", "GrpcWorker", "grpc_target"]
 
@@ -95,7 +95,7 @@ def grpc_target(cfg: BenchConfig) -> Target:
     :raises ConfigError: for a bad address, body file or model name.
     """
     host, port = _address(cfg.url)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = host_port(host, port)
     metadata = cfg.auth_metadata + tuple((k.lower(), v) for k, v in cfg.headers)
     with grpc.insecure_channel(address, options=_OPTIONS) as channel:
         try:
@@ -160,23 +160,15 @@ class GrpcWorker(Worker):
         """One thread per concurrent call, each calling again as soon as it is answered."""
         with grpc.insecure_channel(self.target.address, options=_OPTIONS) as channel:
             call = channel.unary_unary(self.target.path)
-            taken = itertools.count()
-            threads = [
-                threading.Thread(
-                    target=self._back_to_back_calls,
-                    args=(spec, t, taken, call),
-                    name=f"studioserve-bench-grpc-{i}",
-                    daemon=True,
-                )
-                for i, t in enumerate(tallies[: spec.connections])
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_per_connection(
+                spec,
+                tallies,
+                functools.partial(self._back_to_back_calls, call=call),
+                "studioserve-bench-grpc",
+            )
 
     def _back_to_back_calls(
-        self, spec: Spec, tally: Tally, taken: itertools.count[int], call: Any
+        self, spec: Spec, tally: Tally, taken: itertools.count[int], *, call: Any
     ) -> None:
         body, timeout, metadata = self.target.body, self.timeout, self.metadata
         while spec.end is None or time.monotonic() < spec.end:

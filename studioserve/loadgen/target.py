@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .. import wire
+from ..config import host_port
 from ..errors import ClientError, ConfigError
 from ..wire import oip_codec
 from .config import BenchConfig
@@ -54,7 +55,7 @@ class Target:
     @property
     def address(self) -> str:
         """``host:port`` (a gRPC target's address)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def request_bytes(self) -> bytes:
         """The whole HTTP/1.1 request (head and body), as sent on a keep-alive connection."""

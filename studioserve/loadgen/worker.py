@@ -203,20 +203,7 @@ class Worker:
         Blocking sockets cost the generator the least CPU per request (a fraction of what an
         event loop costs), so at low concurrency its own overhead hardly adds to latencies.
         """
-        taken = itertools.count()
-        threads = [
-            threading.Thread(
-                target=self._back_to_back,
-                args=(spec, t, taken),
-                name=f"studioserve-bench-{i}",
-                daemon=True,
-            )
-            for i, t in enumerate(tallies[: spec.connections])
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_per_connection(spec, tallies, self._back_to_back, "studioserve-bench")
 
     def _back_to_back(self, spec: Spec, tally: Tally, taken: itertools.count[int]) -> None:
         """One closed-loop connection, until the phase ends (or, in requests mode, the
@@ -326,6 +313,28 @@ class Worker:
             conn.close()
             return None
         return conn
+
+
+def run_per_connection(
+    spec: Spec,
+    tallies: list[Tally],
+    back_to_back: Callable[[Spec, Tally, itertools.count[int]], None],
+    name: str,
+) -> None:
+    """Run ``back_to_back(spec, tally, taken)`` on one thread per connection of the phase
+    (``taken`` shares the requests of requests mode) and wait for them all (the closed loop
+    of every protocol)."""
+    taken = itertools.count()
+    threads = [
+        threading.Thread(
+            target=back_to_back, args=(spec, t, taken), name=f"{name}-{i}", daemon=True
+        )
+        for i, t in enumerate(tallies[: spec.connections])
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 async def run_on_schedule(spec: Spec, fire: Callable[[float], Coroutine[Any, Any, None]]) -> None:
